@@ -1,0 +1,33 @@
+// Host-side launch: picks the CPU or CUDA launcher for a params struct by the device of
+// `tensor`. On CUDA it sets the device guard, launches on the current stream and checks it.
+#pragma once
+#include <ATen/ATen.h>
+
+#include "fvdm/kernels.h"
+
+#ifdef FVDM_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#define FVDM_LAUNCH(NAME, PARAMS, TENSOR)                                              \
+  do {                                                                                 \
+    if ((TENSOR).is_cuda()) {                                                          \
+      const c10::cuda::CUDAGuard fvdm_guard((TENSOR).device());                        \
+      ::fvdm::cuda::NAME((PARAMS), at::cuda::getCurrentCUDAStream().stream());         \
+      C10_CUDA_KERNEL_LAUNCH_CHECK();                                                  \
+    } else {                                                                           \
+      ::fvdm::cpu::NAME(PARAMS);                                                       \
+    }                                                                                  \
+  } while (0)
+#else
+#define FVDM_LAUNCH(NAME, PARAMS, TENSOR) ::fvdm::cpu::NAME(PARAMS)
+#endif
+
+// Registers the same host function for every backend this build has.
+#ifdef FVDM_WITH_CUDA
+#define FVDM_REGISTER_BACKENDS(REGISTER_FN)                   \
+  TORCH_LIBRARY_IMPL(fvdm, CPU, m) { REGISTER_FN(m); }        \
+  TORCH_LIBRARY_IMPL(fvdm, CUDA, m) { REGISTER_FN(m); }
+#else
+#define FVDM_REGISTER_BACKENDS(REGISTER_FN) \
+  TORCH_LIBRARY_IMPL(fvdm, CPU, m) { REGISTER_FN(m); }
+#endif

@@ -1,0 +1,40 @@
+// Helpers shared by the CPU kernels.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace fvdm::cpu {
+
+// Per-frame reductions over (BF frames x N rows): splits every frame into enough row chunks
+// that all threads stay busy even when BF is small (B=1, F=16 on many cores). `body(bf, n0,
+// n1, acc)` adds its chunk's sums into acc[0..width); returns the per-frame sums (BF x width).
+template <typename acc_t, typename Body>
+std::vector<acc_t> frame_chunked_reduce(int64_t BF, int64_t N, int64_t width, const Body& body) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t chunks = std::clamp<int64_t>((2 * threads + BF - 1) / BF, 1, std::max<int64_t>(N, 1));
+  const int64_t rows_per_chunk = (N + chunks - 1) / chunks;
+  std::vector<acc_t> partials(static_cast<size_t>(BF * chunks * width), acc_t(0));
+  at::parallel_for(0, BF * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bf = task / chunks, c = task % chunks;
+      const int64_t n0 = c * rows_per_chunk, n1 = std::min(N, n0 + rows_per_chunk);
+      if (n0 < n1) body(bf, n0, n1, partials.data() + task * width);
+    }
+  });
+  std::vector<acc_t> sums(static_cast<size_t>(BF * width), acc_t(0));
+  for (int64_t bf = 0; bf < BF; ++bf)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const acc_t* src = partials.data() + (bf * chunks + c) * width;
+      acc_t* dst = sums.data() + bf * width;
+      for (int64_t w = 0; w < width; ++w) dst[w] += src[w];
+    }
+  return sums;
+}
+
+// Rows per parallel task so that each task moves roughly 64 KiB of elements.
+inline int64_t grain_rows(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1)); }
+
+}  // namespace fvdm::cpu

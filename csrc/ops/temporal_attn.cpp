@@ -1,0 +1,131 @@
+// Host API for fused temporal attention: attention along F for every (b, n, head), with q, k, v
+// read through their strides (views into the qkv projection output) and the output written in
+// (B, F, N, H, Dh) order so the output projection needs no transpose.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+
+#include "fvdm/checks.h"
+#include "fvdm/launch.h"
+
+namespace fvdm {
+namespace {
+
+constexpr int64_t kMaxFrames = 1024;
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_supported_device(q, "q");
+  check_float(q, "q");
+  check_dim(q, 5, "q", "(B, F, N, H, Dh)");
+  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    check_same_dtype(*t, q, name, "q");
+    check_same_device(*t, q, name, "q");
+    check_dim(*t, 5, name, "(B, F, N, H, Dh)");
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), "fvdm: ", name, " has shape ", shape_str(t->sizes()),
+                      " but q has shape ", shape_str(q.sizes()), "; they must match");
+  }
+  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) check_last_dim_contiguous(*t, name);
+  TORCH_CHECK_VALUE(q.size(1) <= kMaxFrames, "fvdm: temporal_attention supports up to ", kMaxFrames,
+                    " frames, got F = ", q.size(1));
+}
+
+std::optional<at::Tensor> check_mask(const std::optional<at::Tensor>& key_mask, const at::Tensor& q) {
+  if (!key_mask.has_value()) return std::nullopt;
+  const at::Tensor& m = *key_mask;
+  TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, "fvdm: key_mask must be bool (true = frame may be attended), got ",
+                   m.scalar_type());
+  check_same_device(m, q, "key_mask", "q");
+  check_shape(m, {q.size(0), q.size(1)}, "key_mask", "(B, F)");
+  return m.contiguous();
+}
+
+void check_scale(double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, "fvdm: scale must be a positive finite number, got ", scale);
+}
+
+AttnStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+TemporalAttnFwdParams fwd_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& mask, bool causal, double scale) {
+  TemporalAttnFwdParams p{};
+  p.dtype = q.scalar_type();
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.q_stride = strides_of(q);
+  p.k_stride = strides_of(k);
+  p.v_stride = strides_of(v);
+  p.key_mask = mask ? mask->const_data_ptr<bool>() : nullptr;
+  p.B = q.size(0);
+  p.F = q.size(1);
+  p.N = q.size(2);
+  p.H = q.size(3);
+  p.Dh = q.size(4);
+  p.scale = scale;
+  p.causal = causal;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& key_mask, bool causal,
+                                                      double scale) {
+  check_qkv(q, k, v);
+  check_scale(scale);
+  auto mask = check_mask(key_mask, q);
+  auto out = at::empty(q.sizes(), q.options());
+  auto lse = at::empty({q.size(0), q.size(2), q.size(3), q.size(1)}, q.options().dtype(at::toOpMathType(q.scalar_type())));
+  if (q.numel() == 0) return {out, lse.fill_(-INFINITY)};
+  auto p = fwd_params(q, k, v, mask, causal, scale);
+  p.out = out.mutable_data_ptr();
+  p.lse = lse.mutable_data_ptr();
+  FVDM_LAUNCH(temporal_attn_fwd, p, q);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& key_mask, bool causal, double scale) {
+  check_qkv(q, k, v);
+  check_scale(scale);
+  auto mask = check_mask(key_mask, q);
+  for (auto [t, name] : {std::pair{&grad_out, "grad_out"}, std::pair{&out, "out"}}) {
+    check_same_dtype(*t, q, name, "q");
+    check_same_device(*t, q, name, "q");
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), "fvdm: ", name, " has shape ", shape_str(t->sizes()),
+                      " but q has shape ", shape_str(q.sizes()));
+  }
+  check_same_device(lse, q, "lse", "q");
+  check_shape(lse, {q.size(0), q.size(2), q.size(3), q.size(1)}, "lse", "(B, N, H, F)");
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::toOpMathType(q.scalar_type()), "fvdm: lse must be ",
+                   at::toOpMathType(q.scalar_type()), ", got ", lse.scalar_type());
+  auto go = grad_out.contiguous();
+  auto oc = out.contiguous();
+  auto lc = lse.contiguous();
+  auto dq = at::empty(q.sizes(), q.options());
+  auto dk = at::empty(q.sizes(), q.options());
+  auto dv = at::empty(q.sizes(), q.options());
+  if (q.numel() == 0) return {dq, dk, dv};
+  TemporalAttnBwdParams p{};
+  p.fwd = fwd_params(q, k, v, mask, causal, scale);
+  p.fwd.out = const_cast<void*>(oc.const_data_ptr());  // read-only in the backward
+  p.fwd.lse = const_cast<void*>(lc.const_data_ptr());
+  p.grad_out = go.const_data_ptr();
+  p.dq = dq.mutable_data_ptr();
+  p.dk = dk.mutable_data_ptr();
+  p.dv = dv.mutable_data_ptr();
+  FVDM_LAUNCH(temporal_attn_bwd, p, q);
+  return {dq, dk, dv};
+}
+
+void register_impls(torch::Library& m) {
+  m.impl("temporal_attention", &temporal_attention);
+  m.impl("temporal_attention_backward", &temporal_attention_backward);
+}
+
+}  // namespace
+}  // namespace fvdm
+
+FVDM_REGISTER_BACKENDS(fvdm::register_impls)

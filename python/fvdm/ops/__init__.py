@@ -1,0 +1,58 @@
+"""fvdm operators: fused kernels (torch.ops.fvdm, from fvdm._C) and their plain-PyTorch
+references. ``get_backend("fused" | "reference" | "auto")`` gives either set behind one
+interface, which is how the model switches between them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from fvdm._ext import HAS_C
+from fvdm.ops import reference
+from fvdm.ops.modulate import adaln_modulate, gated_residual
+from fvdm.ops.noise import frame_combine, noise_inject
+from fvdm.ops.temporal_attn import temporal_attention
+
+__all__ = [
+    "adaln_modulate",
+    "gated_residual",
+    "frame_combine",
+    "noise_inject",
+    "temporal_attention",
+    "reference",
+    "get_backend",
+    "BACKENDS",
+]
+
+BACKENDS = ("fused", "reference", "auto")
+
+_FUSED = SimpleNamespace(
+    name="fused",
+    adaln_modulate=adaln_modulate,
+    gated_residual=gated_residual,
+    frame_combine=frame_combine,
+    noise_inject=noise_inject,
+    temporal_attention=temporal_attention,
+)
+_REFERENCE = SimpleNamespace(
+    name="reference",
+    adaln_modulate=reference.adaln_modulate_ref,
+    gated_residual=reference.gated_residual_ref,
+    frame_combine=reference.frame_combine_ref,
+    noise_inject=reference.noise_inject_ref,
+    temporal_attention=reference.temporal_attention_ref,
+)
+
+
+def get_backend(name: str = "auto") -> SimpleNamespace:
+    """The operator set for a backend: "fused" (fvdm._C kernels), "reference" (plain PyTorch),
+    or "auto" (fused when fvdm._C is built, else reference)."""
+    if name == "auto":
+        return _FUSED if HAS_C else _REFERENCE
+    if name == "fused":
+        from fvdm._ext import require_c
+
+        require_c()
+        return _FUSED
+    if name == "reference":
+        return _REFERENCE
+    raise ValueError(f"unknown ops backend {name!r}; choose one of {BACKENDS}")

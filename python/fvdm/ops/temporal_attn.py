@@ -1,0 +1,62 @@
+"""Fused temporal attention: attention along the frame axis for every (b, token, head), reading
+q, k, v through their strides straight out of the (B, F, N, 3, H, Dh) qkv projection and
+writing (B, F, N, H, Dh) for the output projection. Wrapper, fake kernels and autograd for
+fvdm::temporal_attention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fvdm._ext import HAS_C, require_c
+from fvdm.ops._common import opmath_dtype
+
+
+def temporal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v along F. q, k, v: (B, F, N, H, Dh), any strides with a contiguous
+    last dim (e.g. ``qkv.unbind(3)`` of a (B, F, N, 3, H, Dh) buffer). causal: frame i sees
+    frames <= i. key_mask: (B, F) bool, true = may be attended. scale: default 1/sqrt(Dh).
+    Returns (B, F, N, H, Dh) contiguous. A query with no allowed key gets zeros."""
+    require_c()
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.fvdm.temporal_attention(q, k, v, key_mask, causal, scale)[0]
+
+
+if HAS_C:
+
+    @torch.library.register_fake("fvdm::temporal_attention")
+    def _attn_fake(q, k, v, key_mask, causal, scale):
+        torch._check(q.dim() == 5, lambda: f"fvdm: q must be (B, F, N, H, Dh), got {tuple(q.shape)}")
+        B, F, N, H, _ = q.shape
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, N, H, F), dtype=opmath_dtype(q.dtype), device=q.device)
+        return out, lse
+
+    @torch.library.register_fake("fvdm::temporal_attention_backward")
+    def _attn_bwd_fake(grad_out, q, k, v, out, lse, key_mask, causal, scale):
+        return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+
+    def _attn_setup(ctx, inputs, output):
+        q, k, v, key_mask, causal, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, key_mask)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.mark_non_differentiable(lse)
+
+    def _attn_backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, key_mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.fvdm.temporal_attention_backward(
+            grad_out, q, k, v, out, lse, key_mask, ctx.causal, ctx.scale
+        )
+        return dq, dk, dv, None, None, None
+
+    torch.library.register_autograd("fvdm::temporal_attention", _attn_backward, setup_context=_attn_setup)
