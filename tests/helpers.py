@@ -1,0 +1,36 @@
+"""Shared test helpers: tolerances and the low-precision error rule."""
+
+from __future__ import annotations
+
+import torch
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_matches_reference(fused: torch.Tensor, ref_same_dtype: torch.Tensor, ref_exact: torch.Tensor, name: str = "out"):
+    """FlashAttention's rule: the fused result's error against an exact (float64) reference may
+    be at most twice the error of the plain-PyTorch reference run in the same dtype, plus a
+    small absolute slack for values that round identically in both."""
+    assert fused.shape == ref_exact.shape, f"{name}: shape {tuple(fused.shape)} != {tuple(ref_exact.shape)}"
+    assert fused.dtype == ref_same_dtype.dtype, f"{name}: dtype {fused.dtype} != {ref_same_dtype.dtype}"
+    assert torch.isfinite(fused).all(), f"{name}: non-finite values"
+    if fused.dtype == torch.float32:
+        slack = 1e-5 * max(1.0, ref_exact.abs().max().item()) if ref_exact.numel() else 0.0
+    elif fused.dtype == torch.float64:
+        slack = 1e-10
+    else:
+        eps = torch.finfo(fused.dtype).eps
+        slack = eps * max(1.0, ref_exact.abs().max().item()) if ref_exact.numel() else 0.0
+    err_fused = max_err(fused, ref_exact)
+    err_ref = max_err(ref_same_dtype, ref_exact)
+    assert err_fused <= 2 * err_ref + slack, f"{name}: fused error {err_fused:.3e} > 2 x reference error {err_ref:.3e} + {slack:.1e}"
+
+
+def rand(shape, dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)

@@ -1,0 +1,141 @@
+"""adaln_modulate and gated_residual: fused kernels vs ops/reference.py."""
+
+import pytest
+import torch
+from helpers import FLOAT_DTYPES, assert_matches_reference, rand
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fvdm.ops import adaln_modulate, gated_residual
+from fvdm.ops.reference import adaln_modulate_ref, gated_residual_ref
+
+shapes = st.tuples(
+    st.integers(1, 3), st.integers(1, 5), st.integers(1, 9), st.sampled_from([1, 2, 3, 8, 17, 64, 72, 130])
+)
+dtypes = st.sampled_from(FLOAT_DTYPES)
+
+
+def _inputs(shape, dtype, seed, layout="contiguous"):
+    B, F, N, D = shape
+    x = rand(shape, torch.float64, seed) * 2 + 0.5
+    if layout == "strided":  # same values, non-contiguous memory
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    shift = rand((B, F, D), torch.float64, seed + 1)
+    scale = rand((B, F, D), torch.float64, seed + 2) * 0.5
+    return x.to(dtype), shift.to(dtype), scale.to(dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, dtype=dtypes, layout=st.sampled_from(["contiguous", "strided"]), seed=st.integers(0, 10_000))
+def test_adaln_forward_matches_reference(shape, dtype, layout, seed):
+    x, shift, scale = _inputs(shape, dtype, seed, layout)
+    exact = adaln_modulate_ref(x.double(), shift.double(), scale.double())
+    assert_matches_reference(adaln_modulate(x, shift, scale), adaln_modulate_ref(x, shift, scale), exact)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, dtype=dtypes, seed=st.integers(0, 10_000))
+def test_adaln_backward_matches_reference(shape, dtype, seed):
+    x, shift, scale = _inputs(shape, dtype, seed)
+    gy = rand(x.shape, dtype, seed + 3)
+
+    def grads(fn, *args):
+        args = [a.detach().clone().requires_grad_() for a in args]
+        fn(*args).backward(gy.to(args[0].dtype))
+        return [a.grad for a in args]
+
+    exact = grads(adaln_modulate_ref, x.double(), shift.double(), scale.double())
+    fused = grads(adaln_modulate, x, shift, scale)
+    ref = grads(adaln_modulate_ref, x, shift, scale)
+    for name, f, r, e in zip(["dx", "dshift", "dscale"], fused, ref, exact):
+        assert_matches_reference(f, r, e, name)
+
+
+def test_adaln_wide_rows_and_single_frame():
+    # D = 1152 (Latte-XL width); B = F = 1 exercises the row-chunked backward reduction.
+    x, shift, scale = _inputs((1, 1, 300, 1152), torch.float32, 7)
+    x.requires_grad_()
+    y = adaln_modulate(x, shift, scale)
+    torch.testing.assert_close(y, adaln_modulate_ref(x, shift, scale), atol=2e-5, rtol=1e-5)
+
+
+def test_adaln_gradcheck_fp64():
+    x, shift, scale = (t.requires_grad_() for t in _inputs((2, 3, 4, 6), torch.float64, 0))
+    assert torch.autograd.gradcheck(adaln_modulate, (x, shift, scale))
+
+
+def test_adaln_opcheck():
+    for dtype in (torch.float32, torch.float64):
+        x, shift, scale = (t.requires_grad_() for t in _inputs((2, 3, 4, 8), dtype, 1))
+        torch.library.opcheck(torch.ops.fvdm.adaln_modulate.default, (x, shift, scale, 1e-6))
+        _, mean, rstd = torch.ops.fvdm.adaln_modulate(x, shift, scale, 1e-6)
+        gy = torch.randn_like(x)
+        torch.library.opcheck(torch.ops.fvdm.adaln_modulate_backward.default, (gy, x.detach(), scale.detach(), mean, rstd))
+
+
+def test_adaln_eps_is_used():
+    x = torch.zeros(1, 1, 2, 4)
+    x[..., 0] = 1e-3  # tiny variance: eps dominates the normalisation
+    shift, scale = torch.zeros(1, 1, 4), torch.zeros(1, 1, 4)
+    for eps in (1e-6, 1e-2):
+        torch.testing.assert_close(adaln_modulate(x, shift, scale, eps), adaln_modulate_ref(x, shift, scale, eps))
+
+
+@settings(max_examples=50, deadline=None)
+@given(shape=shapes, dtype=dtypes, seed=st.integers(0, 10_000))
+def test_gated_residual_matches_reference(shape, dtype, seed):
+    B, F, N, D = shape
+    x, h, gate = rand(shape, dtype, seed), rand(shape, dtype, seed + 1), rand((B, F, D), dtype, seed + 2)
+    exact = gated_residual_ref(x.double(), h.double(), gate.double())
+    assert_matches_reference(gated_residual(x, h, gate), gated_residual_ref(x, h, gate), exact)
+
+    go = rand(shape, dtype, seed + 3)
+
+    def grads(fn, *args):
+        args = [a.detach().clone().requires_grad_() for a in args]
+        fn(*args).backward(go.to(args[0].dtype))
+        return [a.grad for a in args]
+
+    for name, f, r, e in zip(
+        ["dx", "dh", "dgate"],
+        grads(gated_residual, x, h, gate),
+        grads(gated_residual_ref, x, h, gate),
+        grads(gated_residual_ref, x.double(), h.double(), gate.double()),
+    ):
+        assert_matches_reference(f, r, e, name)
+
+
+def test_gated_residual_gradcheck_and_opcheck():
+    x, h = (rand((2, 3, 4, 5), torch.float64, s).requires_grad_() for s in (0, 1))
+    gate = rand((2, 3, 5), torch.float64, 2).requires_grad_()
+    assert torch.autograd.gradcheck(gated_residual, (x, h, gate))
+    torch.library.opcheck(torch.ops.fvdm.gated_residual.default, (x, h, gate))
+    torch.library.opcheck(torch.ops.fvdm.gated_residual_backward.default, (torch.randn_like(x), h.detach(), gate.detach()))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda x, s, c: (x[0], s, c), "x must have 4 dims"),
+        (lambda x, s, c: (x, s[:, :1], c), "shift must have shape"),
+        (lambda x, s, c: (x, s, c[..., :-1]), "scale must have shape"),
+        (lambda x, s, c: (x, s.double(), c), "shift has dtype"),
+        (lambda x, s, c: (x.int(), s, c), "x must be float32"),
+    ],
+)
+def test_adaln_bad_inputs_name_the_argument(make, match):
+    x, s, c = _inputs((2, 3, 4, 8), torch.float32, 0)
+    with pytest.raises((ValueError, TypeError), match=match):
+        adaln_modulate(*make(x, s, c))
+
+
+def test_adaln_rejects_bad_eps_and_gated_bad_shapes():
+    x, s, c = _inputs((2, 3, 4, 8), torch.float32, 0)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        adaln_modulate(x, s, c, eps=0.0)
+    with pytest.raises(ValueError, match="h must have shape"):
+        gated_residual(x, x[:, :, :2], s)
+    with pytest.raises(ValueError, match="gate must have shape"):
+        gated_residual(x, x, s[:1])
+    with pytest.raises(TypeError, match="h has dtype"):
+        gated_residual(x, x.half(), s)
