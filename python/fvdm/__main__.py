@@ -1,0 +1,3 @@
+from fvdm.cli import main
+
+main()

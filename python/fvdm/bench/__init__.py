@@ -1,0 +1,1 @@
+"""Benchmarks behind `python -m fvdm bench ...`: timing helpers and the suites."""

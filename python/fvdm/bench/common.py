@@ -1,0 +1,102 @@
+"""Timing, machine description and result files shared by the benchmark suites."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import fvdm
+
+RESULTS_DIR = Path("benchmarks") / "results"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, min_runs: int = 5,
+            min_seconds: float = 0.5, max_runs: int = 200) -> float:
+    """Median wall time of fn() in milliseconds, after warmup; runs at least min_runs times and
+    until min_seconds have passed (bounded by max_runs)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < max_runs):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Copy bandwidth (bytes read + bytes written per second) of a tensor copy of nbytes. The
+    default is far larger than any cache; a copy the size of an operator's working set tells
+    what that operator could reach if it were a plain copy."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), device, min_runs=10)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "device": device.type,
+        "cpu": _cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "os_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fvdm": fvdm.__version__,
+        "fvdm_build": {k: v for k, v in fvdm.build_info().items() if k not in ("parallel", "kernels")},
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def device_tag(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return f"{device.type}-{slug}"[:60]
+
+
+def write_results(suite: str, device: torch.device, payload: dict, out: Path | None = None) -> Path:
+    """Writes JSON with the machine description next to the rows; returns the path."""
+    path = out or RESULTS_DIR / f"{suite}-{device_tag(device)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "suite": suite,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(device),
+        **payload,
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
