@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <array>
 
+#include "convert.h"
 #include "cpu_utils.h"
 #include "fvdm/dispatch.h"
 #include "fvdm/kernels.h"
@@ -21,26 +22,25 @@ void combine_fwd_impl(const FrameCombineFwdParams& p) {
   const int64_t blocks_per_frame = (inner + kBlock - 1) / kBlock;
   at::parallel_for(0, p.BF * blocks_per_frame, 32, [&](int64_t begin, int64_t end) {
     alignas(64) std::array<opmath_t, kBlock> acc;
+    alignas(64) std::array<opmath_t, kBlock> in_buf;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bf = task / blocks_per_frame;
       const int64_t i0 = bf * inner + (task % blocks_per_frame) * kBlock;
       const int64_t len = std::min(kBlock, (bf + 1) * inner - i0);
       const opmath_t* c = coeffs + bf * K;
       {
-        const auto* __restrict__ in = static_cast<const scalar_t*>(p.inputs[0]) + i0;
+        const opmath_t* __restrict__ in = load_row(static_cast<const scalar_t*>(p.inputs[0]) + i0, in_buf.data(), len);
         const opmath_t c0 = c[0];
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) acc[i] = c0 * static_cast<opmath_t>(in[i]);
+        for (int64_t i = 0; i < len; ++i) acc[i] = c0 * in[i];
       }
       for (int64_t k = 1; k < K; ++k) {
-        const auto* __restrict__ in = static_cast<const scalar_t*>(p.inputs[k]) + i0;
+        const opmath_t* __restrict__ in = load_row(static_cast<const scalar_t*>(p.inputs[k]) + i0, in_buf.data(), len);
         const opmath_t ck = c[k];
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) acc[i] += ck * static_cast<opmath_t>(in[i]);
+        for (int64_t i = 0; i < len; ++i) acc[i] += ck * in[i];
       }
-      scalar_t* __restrict__ o = out + i0;
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) o[i] = static_cast<scalar_t>(acc[i]);
+      from_opmath(acc.data(), out + i0, len);
     }
   });
 }
@@ -54,20 +54,22 @@ void combine_bwd_impl(const FrameCombineBwdParams& p) {
   auto sums = frame_chunked_reduce<opmath_t>(p.BF, inner, K, [&](int64_t bf, int64_t i0, int64_t i1, opmath_t* acc) {
     const opmath_t* c = coeffs + bf * K;
     const int64_t base = bf * inner;
+    alignas(64) std::array<opmath_t, kBlock> g_buf, in_buf, d_buf;
     for (int64_t b0 = i0; b0 < i1; b0 += kBlock) {
       const int64_t len = std::min(kBlock, i1 - b0);
-      const scalar_t* __restrict__ g = go + base + b0;
+      const opmath_t* __restrict__ g = load_row(go + base + b0, g_buf.data(), len);
       for (int64_t k = 0; k < K; ++k) {
-        const auto* __restrict__ in = static_cast<const scalar_t*>(p.inputs[k]) + base + b0;
+        const opmath_t* __restrict__ in =
+            load_row(static_cast<const scalar_t*>(p.inputs[k]) + base + b0, in_buf.data(), len);
         opmath_t s = 0;
 #pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < len; ++i) s += static_cast<opmath_t>(g[i]) * static_cast<opmath_t>(in[i]);
+        for (int64_t i = 0; i < len; ++i) s += g[i] * in[i];
         acc[k] += s;
         if (p.dinputs[k] != nullptr) {
-          auto* __restrict__ d = static_cast<scalar_t*>(p.dinputs[k]) + base + b0;
           const opmath_t ck = c[k];
 #pragma omp simd
-          for (int64_t i = 0; i < len; ++i) d[i] = static_cast<scalar_t>(ck * static_cast<opmath_t>(g[i]));
+          for (int64_t i = 0; i < len; ++i) d_buf[i] = ck * g[i];
+          from_opmath(d_buf.data(), static_cast<scalar_t*>(p.dinputs[k]) + base + b0, len);
         }
       }
     }

@@ -1,18 +1,40 @@
 // CPU kernels for per-frame adaLN modulation and the per-frame gated residual.
-// Each row of D is brought into an op-math buffer once (it stays in L1), so the forward reads
-// x once and writes y once; statistics are two-pass over the cached row for accuracy.
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
+// Rows of D are handled in op-math type: bf16/fp16 rows are converted into small L1 buffers in
+// bulk (convert.h), fp32/fp64 rows are used in place. The forward reads x once and writes y once;
+// statistics are two-pass over the cached row for accuracy.
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
+#include "convert.h"
 #include "cpu_utils.h"
 #include "fvdm/dispatch.h"
 #include "fvdm/kernels.h"
 
 namespace fvdm::cpu {
 namespace {
+
+template <typename scalar_t>
+constexpr bool kNeedsConversion = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
+
+// Where a row result is computed: straight into the output for fp32/fp64, else into `buf`.
+template <typename scalar_t, typename opmath_t>
+inline opmath_t* out_row(scalar_t* dst, opmath_t* buf) {
+  if constexpr (kNeedsConversion<scalar_t>) return buf;
+  else return reinterpret_cast<opmath_t*>(dst);
+}
+template <typename scalar_t, typename opmath_t>
+inline void flush_row(const opmath_t* buf, scalar_t* dst, int64_t n) {
+  if constexpr (kNeedsConversion<scalar_t>) from_opmath(buf, dst, n);
+}
+
+// Per-frame table rows in op-math type, reconverted only when the frame changes.
+template <typename scalar_t, typename opmath_t>
+struct FrameTables {
+  std::vector<opmath_t> a, b;
+  int64_t frame = -1;
+  explicit FrameTables(int64_t D) : a(D), b(D) {}
+};
 
 template <typename scalar_t, typename opmath_t>
 void adaln_fwd_impl(const AdalnFwdParams& p) {
@@ -23,35 +45,32 @@ void adaln_fwd_impl(const AdalnFwdParams& p) {
   auto* mean_out = static_cast<opmath_t*>(p.mean);
   auto* rstd_out = static_cast<opmath_t*>(p.rstd);
   const int64_t D = p.D, N = p.N;
-  const opmath_t inv_d = opmath_t(1) / opmath_t(D);
+  const opmath_t inv_d = opmath_t(1) / opmath_t(D), eps = static_cast<opmath_t>(p.eps);
   at::parallel_for(0, p.BF * N, grain_rows(D), [&](int64_t begin, int64_t end) {
-    std::vector<opmath_t> buf(D);
-    opmath_t* __restrict__ r = buf.data();
+    std::vector<opmath_t> in_buf(D), out_buf(D);
+    FrameTables<scalar_t, opmath_t> t(D);  // a = shift, b = 1 + scale
     for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* __restrict__ xr = x + row * D;
-      const scalar_t* __restrict__ sh = shift + (row / N) * D;
-      const scalar_t* __restrict__ sc = scale + (row / N) * D;
-      scalar_t* __restrict__ yr = y + row * D;
+      if (row / N != t.frame) {
+        t.frame = row / N;
+        to_opmath(shift + t.frame * D, t.a.data(), D);
+        to_opmath(scale + t.frame * D, t.b.data(), D);
+        for (auto& v : t.b) v += opmath_t(1);
+      }
+      const opmath_t* __restrict__ r = load_row(x + row * D, in_buf.data(), D);
+      const opmath_t* __restrict__ sh = t.a.data();
+      const opmath_t* __restrict__ sc1 = t.b.data();
+      opmath_t* __restrict__ o = out_row(y + row * D, out_buf.data());
       opmath_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t d = 0; d < D; ++d) {
-        r[d] = static_cast<opmath_t>(xr[d]);
-        sum += r[d];
-      }
+      for (int64_t d = 0; d < D; ++d) sum += r[d];
       const opmath_t mean = sum * inv_d;
       opmath_t sq = 0;
 #pragma omp simd reduction(+ : sq)
-      for (int64_t d = 0; d < D; ++d) {
-        const opmath_t c = r[d] - mean;
-        sq += c * c;
-      }
-      const opmath_t rstd = opmath_t(1) / std::sqrt(sq * inv_d + static_cast<opmath_t>(p.eps));
+      for (int64_t d = 0; d < D; ++d) sq += (r[d] - mean) * (r[d] - mean);
+      const opmath_t rstd = opmath_t(1) / std::sqrt(sq * inv_d + eps);
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) {
-        const opmath_t xhat = (r[d] - mean) * rstd;
-        yr[d] = static_cast<scalar_t>(xhat * (opmath_t(1) + static_cast<opmath_t>(sc[d])) +
-                                      static_cast<opmath_t>(sh[d]));
-      }
+      for (int64_t d = 0; d < D; ++d) o[d] = (r[d] - mean) * rstd * sc1[d] + sh[d];
+      flush_row(o, y + row * D, D);
       mean_out[row] = mean;
       rstd_out[row] = rstd;
     }
@@ -72,46 +91,47 @@ void adaln_bwd_impl(const AdalnBwdParams& p) {
   const opmath_t inv_d = opmath_t(1) / opmath_t(D);
   // acc layout per frame: [dshift (D) | dscale (D)]
   auto sums = frame_chunked_reduce<opmath_t>(p.BF, N, 2 * D, [&](int64_t bf, int64_t n0, int64_t n1, opmath_t* acc) {
-    std::vector<opmath_t> buf(3 * D);
+    std::vector<opmath_t> buf(5 * D);
     opmath_t* __restrict__ xhat = buf.data();
     opmath_t* __restrict__ gm = buf.data() + D;
-    opmath_t* __restrict__ one_plus_sc = buf.data() + 2 * D;
+    opmath_t* __restrict__ sc1 = buf.data() + 2 * D;
+    opmath_t* x_buf = buf.data() + 3 * D;
+    opmath_t* g_buf = buf.data() + 4 * D;
     opmath_t* __restrict__ dsh = acc;
     opmath_t* __restrict__ dsc = acc + D;
-    const scalar_t* __restrict__ sc = scale + bf * D;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) one_plus_sc[d] = opmath_t(1) + static_cast<opmath_t>(sc[d]);
+    to_opmath(scale + bf * D, sc1, D);
+    for (int64_t d = 0; d < D; ++d) sc1[d] += opmath_t(1);
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t row = bf * N + n;
-      const scalar_t* __restrict__ xr = x + row * D;
-      const scalar_t* __restrict__ gr = gy + row * D;
-      scalar_t* __restrict__ dxr = dx + row * D;
+      const opmath_t* __restrict__ xr = load_row(x + row * D, x_buf, D);
+      const opmath_t* __restrict__ gr = load_row(gy + row * D, g_buf, D);
       const opmath_t mu = mean[row], rs = rstd[row];
       opmath_t s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
       for (int64_t d = 0; d < D; ++d) {
-        const opmath_t g = static_cast<opmath_t>(gr[d]);
-        const opmath_t xh = (static_cast<opmath_t>(xr[d]) - mu) * rs;
+        const opmath_t g = gr[d];
+        const opmath_t xh = (xr[d] - mu) * rs;
         xhat[d] = xh;
         dsh[d] += g;
         dsc[d] += g * xh;
-        const opmath_t gg = g * one_plus_sc[d];
+        const opmath_t gg = g * sc1[d];
         gm[d] = gg;
         s1 += gg;
         s2 += gg * xh;
       }
       const opmath_t c1 = s1 * inv_d, c2 = s2 * inv_d;
+      opmath_t* __restrict__ o = out_row(dx + row * D, x_buf);  // x_buf is free again here
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) dxr[d] = static_cast<scalar_t>(rs * (gm[d] - c1 - xhat[d] * c2));
+      for (int64_t d = 0; d < D; ++d) o[d] = rs * (gm[d] - c1 - xhat[d] * c2);
+      flush_row(o, dx + row * D, D);
     }
   });
   auto* dshift = static_cast<scalar_t*>(p.dshift);
   auto* dscale = static_cast<scalar_t*>(p.dscale);
-  for (int64_t bf = 0; bf < p.BF; ++bf)
-    for (int64_t d = 0; d < D; ++d) {
-      dshift[bf * D + d] = static_cast<scalar_t>(sums[bf * 2 * D + d]);
-      dscale[bf * D + d] = static_cast<scalar_t>(sums[bf * 2 * D + D + d]);
-    }
+  for (int64_t bf = 0; bf < p.BF; ++bf) {
+    from_opmath(sums.data() + bf * 2 * D, dshift + bf * D, D);
+    from_opmath(sums.data() + bf * 2 * D + D, dscale + bf * D, D);
+  }
 }
 
 template <typename scalar_t, typename opmath_t>
@@ -122,15 +142,20 @@ void gated_fwd_impl(const GatedResidualFwdParams& p) {
   auto* out = static_cast<scalar_t*>(p.out);
   const int64_t D = p.D, N = p.N;
   at::parallel_for(0, p.BF * N, grain_rows(D), [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> x_buf(D), h_buf(D), o_buf(D);
+    FrameTables<scalar_t, opmath_t> t(D);  // a = gate
     for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* __restrict__ xr = x + row * D;
-      const scalar_t* __restrict__ hr = h + row * D;
-      const scalar_t* __restrict__ g = gate + (row / N) * D;
-      scalar_t* __restrict__ o = out + row * D;
+      if (row / N != t.frame) {
+        t.frame = row / N;
+        to_opmath(gate + t.frame * D, t.a.data(), D);
+      }
+      const opmath_t* __restrict__ xr = load_row(x + row * D, x_buf.data(), D);
+      const opmath_t* __restrict__ hr = load_row(h + row * D, h_buf.data(), D);
+      const opmath_t* __restrict__ g = t.a.data();
+      opmath_t* __restrict__ o = out_row(out + row * D, o_buf.data());
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d)
-        o[d] = static_cast<scalar_t>(static_cast<opmath_t>(xr[d]) +
-                                     static_cast<opmath_t>(g[d]) * static_cast<opmath_t>(hr[d]));
+      for (int64_t d = 0; d < D; ++d) o[d] = xr[d] + g[d] * hr[d];
+      flush_row(o, out + row * D, D);
     }
   });
 }
@@ -143,23 +168,24 @@ void gated_bwd_impl(const GatedResidualBwdParams& p) {
   auto* dh = static_cast<scalar_t*>(p.dh);
   const int64_t D = p.D, N = p.N;
   auto sums = frame_chunked_reduce<opmath_t>(p.BF, N, D, [&](int64_t bf, int64_t n0, int64_t n1, opmath_t* acc) {
-    const scalar_t* __restrict__ g = gate + bf * D;
+    std::vector<opmath_t> buf(4 * D);
+    opmath_t* __restrict__ g = buf.data();
+    to_opmath(gate + bf * D, g, D);
     opmath_t* __restrict__ dg = acc;
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t row = bf * N + n;
-      const scalar_t* __restrict__ gr = go + row * D;
-      const scalar_t* __restrict__ hr = h + row * D;
-      scalar_t* __restrict__ dhr = dh + row * D;
+      const opmath_t* __restrict__ gr = load_row(go + row * D, buf.data() + D, D);
+      const opmath_t* __restrict__ hr = load_row(h + row * D, buf.data() + 2 * D, D);
+      opmath_t* __restrict__ o = out_row(dh + row * D, buf.data() + 3 * D);
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) {
-        const opmath_t gg = static_cast<opmath_t>(gr[d]);
-        dhr[d] = static_cast<scalar_t>(gg * static_cast<opmath_t>(g[d]));
-        dg[d] += gg * static_cast<opmath_t>(hr[d]);
+        o[d] = gr[d] * g[d];
+        dg[d] += gr[d] * hr[d];
       }
+      flush_row(o, dh + row * D, D);
     }
   });
-  auto* dgate = static_cast<scalar_t*>(p.dgate);
-  for (int64_t i = 0; i < p.BF * D; ++i) dgate[i] = static_cast<scalar_t>(sums[i]);
+  from_opmath(sums.data(), static_cast<scalar_t*>(p.dgate), p.BF * D);
 }
 
 }  // namespace

@@ -1,0 +1,82 @@
+// Vectorizable conversions between storage types and the op-math type (float / double).
+// c10's scalar BFloat16/Half conversions do not auto-vectorize (rounding and NaN branches),
+// so rows are converted here in bulk: bf16 by integer bit operations the compiler vectorizes,
+// fp16 with the F16C / AVX-512 conversion instructions where available.
+#pragma once
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace fvdm::cpu {
+
+template <typename scalar_t>
+inline void to_opmath(const scalar_t* __restrict__ src, at::opmath_type<scalar_t>* __restrict__ dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const auto* s = reinterpret_cast<const uint16_t*>(src);
+    auto* d = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#elif defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  } else {
+    std::memcpy(dst, src, n * sizeof(scalar_t));
+  }
+}
+
+template <typename scalar_t>
+inline void from_opmath(const at::opmath_type<scalar_t>* __restrict__ src, scalar_t* __restrict__ dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const auto* s = reinterpret_cast<const uint32_t*>(src);
+    auto* d = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t u = s[i];
+      const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+      const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+      d[i] = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+    }
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                          _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+  } else {
+    std::memcpy(dst, src, n * sizeof(scalar_t));
+  }
+}
+
+// A row in op-math type: the row itself when no conversion is needed, else a converted copy.
+template <typename scalar_t>
+inline const at::opmath_type<scalar_t>* load_row(const scalar_t* src, at::opmath_type<scalar_t>* buf, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    return src;
+  } else {
+    to_opmath(src, buf, n);
+    return buf;
+  }
+}
+
+}  // namespace fvdm::cpu
