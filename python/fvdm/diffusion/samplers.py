@@ -196,6 +196,9 @@ def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops
     coeffs = fold_weights(w, prediction_coeffs(objective, a, sig))
     keep = torch.tensor([1.0, 0.0, 0.0], dtype=coeffs.dtype, device=coeffs.device)
     coeffs = torch.where(moving[..., None], coeffs, keep)
+    if not bool(torch.isfinite(coeffs).all()):
+        raise ValueError(f"objective {objective!r} cannot be turned into a {method} step at some frame's time "
+                         "(e.g. an eps prediction at flow time 1 gives no x0); use another objective or schedule")
 
     noisy = moving & (coeffs[..., 2] > 0)
     if not bool(noisy.any()):
