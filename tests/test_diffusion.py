@@ -202,11 +202,14 @@ def test_vb_term_trains_only_the_variance_channels():
 # ----------------------------------------------------------------------------- samplers vs the papers
 
 
-def ho_ddpm(model, betas: torch.Tensor, timesteps: list[int], x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def ho_ddpm(model, betas: torch.Tensor, timesteps: list[int], x: torch.Tensor, g: torch.Generator,
+            learned: bool = False) -> torch.Tensor:
     """Ho et al. 2020 ancestral sampling, written per step from the paper: x0 from eps, then the
     posterior mean mu~ = sqrt(ab_{t-1}) beta_t / (1 - ab_t) x0 + sqrt(alpha_t)(1 - ab_{t-1}) / (1 - ab_t) x_t
     and variance beta~_t = (1 - ab_{t-1}) / (1 - ab_t) beta_t; no noise at the last step.
-    `timesteps` are the original indices; a subsequence uses its respaced betas."""
+    `timesteps` are the original indices; a subsequence uses its respaced betas. learned:
+    Nichol & Dhariwal 2021 eq. 15, log var = frac log beta_t + (1 - frac) log beta~_t with
+    frac = (v + 1) / 2 from the model's second half of channels."""
     ab_full = torch.cumprod(1 - betas, 0)
     ab_seq = ab_full[torch.tensor(sorted(timesteps))]
     betas_seq = 1 - ab_seq / torch.cat([torch.ones(1, dtype=ab_seq.dtype), ab_seq[:-1]])
@@ -214,11 +217,18 @@ def ho_ddpm(model, betas: torch.Tensor, timesteps: list[int], x: torch.Tensor, g
         beta = betas_seq[k].item()
         ab = ab_seq[k].item()
         ab_prev = ab_seq[k - 1].item() if k > 0 else 1.0
-        eps = model(x, torch.full(x.shape[:2], float(sorted(timesteps)[k]), dtype=x.dtype))
+        out = model(x, torch.full(x.shape[:2], float(sorted(timesteps)[k]), dtype=x.dtype))
+        C = x.shape[2]
+        eps = out[:, :, :C]
         x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
         mean = math.sqrt(ab_prev) * beta / (1 - ab) * x0 + math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab) * x
         if k > 0:
-            x = mean + math.sqrt((1 - ab_prev) / (1 - ab) * beta) * torch.randn(x.shape, generator=g, dtype=x.dtype)
+            var = (1 - ab_prev) / (1 - ab) * beta
+            std = math.sqrt(var)
+            if learned:
+                frac = (out[:, :, C:] + 1) / 2
+                std = torch.exp(0.5 * (frac * math.log(beta) + (1 - frac) * math.log(var)))
+            x = mean + std * torch.randn(x.shape, generator=g, dtype=x.dtype)
         else:
             x = mean
     return x
@@ -248,16 +258,17 @@ def song_ddim(model, betas, timesteps: list[int], x, g, eta: float, objective: s
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("steps", [1000, 50])
-def test_equal_columns_reproduce_ddpm(backend, steps):
+@pytest.mark.parametrize("steps,learned", [(1000, False), (50, False), (1000, True), (50, True)])
+def test_equal_columns_reproduce_ddpm(backend, steps, learned):
     sch = ddpm_schedule("linear")
     ladder = ddpm_ladder(steps)
     S, _ = unconditional(ladder, SHAPE[1])
-    model = FakeDenoiser()
-    got = sample(model, sch, S, shape=SHAPE, dtype=torch.float64, method="ddpm", generator=gen(7), backend=backend)
+    out_channels = 4 if learned else 2
+    got = sample(FakeDenoiser(out_channels=out_channels), sch, S, shape=SHAPE, dtype=torch.float64, method="ddpm",
+                 learn_sigma=learned, generator=gen(7), backend=backend)
     g = gen(7)
     x = torch.randn(SHAPE, generator=g, dtype=torch.float64)
-    want = ho_ddpm(FakeDenoiser(), sch.betas, ladder[:-1].tolist(), x, g)
+    want = ho_ddpm(FakeDenoiser(out_channels=out_channels), sch.betas, ladder[:-1].tolist(), x, g, learned)
     assert want.abs().max() > 0.1
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
@@ -458,3 +469,25 @@ def test_long_video_holds_the_previous_windows_overlap():
     calls.clear()
     video = long_video(window, total_frames=9, window=6, overlap=2, context=ctx)
     assert torch.equal(video[:, :3], ctx) and calls[0][0].tolist() == [True] * 3 + [False] * 3
+
+
+def test_tiny_model_learns_on_a_fixed_batch():
+    """Loss + model + PTSS + AdamW: a few steps on one batch lower the loss (fused ops where built)."""
+    from fvdm.models import latte
+
+    torch.manual_seed(0)
+    backend = "fused" if HAS_C else "reference"
+    model = latte("T/2", backend=backend, input_size=4, in_channels=2, num_frames=5, depth=1, learn_sigma=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x0 = torch.randn(SHAPE, generator=gen(0)).clamp(-1, 1)
+    sch, g = ddpm_schedule(), gen(1)
+    t = sample_timesteps(2, 5, p=0.5, generator=g)
+    noise = torch.randn(SHAPE, generator=g)
+    losses = []
+    for _ in range(30):
+        out = diffusion_loss(model, sch, x0, t, noise=noise, learn_sigma=True, backend=backend)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.7 * losses[0]

@@ -192,6 +192,9 @@ def test_bf16_autocast(backend):
     for name, p in model.named_parameters():
         if name != "temp_embed" or depth > 1:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # and a model whose weights are bf16 (inference in half precision)
+    out16 = model.to(torch.bfloat16)(x.bfloat16(), t)
+    assert out16.dtype == torch.bfloat16 and (out16.float() - ref).abs().max() < 0.1 * ref.abs().max() + 1e-2
 
 
 def test_class_labels_and_dropout():

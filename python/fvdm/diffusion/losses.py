@@ -131,6 +131,8 @@ def diffusion_loss(
         raise ValueError(f"t must have shape ({B}, {Fr}) or ({B},), got {tuple(t.shape)}")
     t = t.to(x0.device)
     schedule.check_times(t)
+    if isinstance(schedule, DDPMSchedule) and t.numel() and int(t.min()) < 0:
+        raise ValueError("t must lie in [0, T-1] for training (-1, clean, is a sampling time only)")
     if learn_sigma and not isinstance(schedule, DDPMSchedule):
         raise ValueError("learn_sigma needs a DDPM schedule (the VB term is defined for discrete posteriors)")
 

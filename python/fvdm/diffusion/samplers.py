@@ -206,9 +206,10 @@ def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops
     z = randn_like_shape(x.shape, generator, x.device, x.dtype)
     if method == "ddpm" and learn_sigma:
         # per-element std from the variance channels: scale z here, weight it 1 where noisy
-        frac = (out[:, :, C:].float() + 1) / 2
+        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        frac = (out[:, :, C:].to(ct) + 1) / 2
         min_log, max_log = ddpm_log_variance_bounds(schedule, safe_t, safe_s)
-        logvar = frac * per_frame(max_log.float(), frac) + (1 - frac) * per_frame(min_log.float(), frac)
+        logvar = frac * per_frame(max_log.to(ct), frac) + (1 - frac) * per_frame(min_log.to(ct), frac)
         z = (torch.exp(0.5 * logvar) * z).to(x.dtype)
         coeffs = torch.cat([coeffs[..., :2], noisy[..., None].to(coeffs.dtype)], dim=-1)
     return ops.frame_combine([x, pred, z], coeffs)

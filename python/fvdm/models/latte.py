@@ -106,7 +106,8 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_size))
+        freq = timestep_embedding(t, self.frequency_size)  # float32
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # model weights may be bf16
 
 
 class LabelEmbedder(nn.Module):
