@@ -30,6 +30,7 @@ from fvdm.diffusion import (
     sample_timesteps,
     target_coeffs,
     unconditional,
+    window_sampler,
 )
 from fvdm.diffusion.losses import vb_term
 from fvdm.ops import get_backend
@@ -491,3 +492,22 @@ def test_tiny_model_learns_on_a_fixed_batch():
         opt.step()
         losses.append(out.loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_long_video_with_the_sampler_keeps_the_overlap_exact():
+    shape = (2, 5, 2, 4, 4)
+    inner = window_sampler(FakeDenoiser(dtype=torch.float32), ddpm_schedule(), ddpm_ladder(6), shape,
+                           generator=gen(0), method="ddpm")
+    windows = []
+
+    def generate(held, x0_held):
+        out = inner(held, x0_held)
+        if x0_held is not None:
+            assert torch.equal(out[:, held], x0_held[:, held])
+        windows.append(out)
+        return out
+
+    video = long_video(generate, total_frames=11, window=5, overlap=2)
+    assert video.shape == (2, 11, 2, 4, 4) and len(windows) == 3
+    torch.testing.assert_close(video[:, :5], windows[0], atol=0, rtol=0)
+    torch.testing.assert_close(video[:, 3:8], windows[1], atol=0, rtol=0)  # overlap frames 3, 4 shared

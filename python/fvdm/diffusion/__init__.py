@@ -35,6 +35,7 @@ from fvdm.diffusion.tasks import (
     long_video,
     rolling_diagonal,
     unconditional,
+    window_sampler,
 )
 
 __all__ = [
@@ -74,4 +75,5 @@ __all__ = [
     "long_video",
     "rolling_diagonal",
     "unconditional",
+    "window_sampler",
 ]

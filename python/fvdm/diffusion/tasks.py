@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fvdm.diffusion.samplers import ModelFn, sample
 from fvdm.diffusion.schedules import FlowSchedule, Schedule
 
 Task = tuple[torch.Tensor, torch.Tensor]  # (S (steps + 1, F), held (F,) bool)
@@ -146,6 +147,26 @@ def long_video(
         video = new if video is None else torch.cat([video, new], dim=1)
         n_hold = overlap
     return video[:, :total_frames]
+
+
+def window_sampler(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    ladder: torch.Tensor,
+    shape: tuple[int, ...],
+    generator: torch.Generator | None = None,
+    **sample_kwargs,
+) -> WindowFn:
+    """A generate_window for long_video: samples one window of `shape` (B, window, C, H, W)
+    along `ladder` with the given frames held (samplers.sample with keyframes' matrix)."""
+
+    def generate(held: torch.Tensor, x0_held: torch.Tensor | None) -> torch.Tensor:
+        idx = held.nonzero().flatten().tolist()
+        S, held = keyframes(ladder, shape[1], idx) if idx else unconditional(ladder, shape[1])
+        return sample(model_fn, schedule, S, shape=shape, held=held, x0_held=x0_held, generator=generator,
+                      **sample_kwargs)
+
+    return generate
 
 
 def _check_ladder(ladder: torch.Tensor) -> None:
