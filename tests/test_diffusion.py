@@ -105,7 +105,8 @@ def test_q_sample_matches_formula(backend):
 @pytest.mark.parametrize("objective", ["eps", "v", "x0", "flow"])
 def test_prediction_inverts_target(objective):
     """Feeding the exact target as the prediction recovers x0 and eps, for DDPM and flow paths."""
-    x0, eps = torch.randn(SHAPE, dtype=torch.float64, generator=gen(0)), torch.randn(SHAPE, dtype=torch.float64, generator=gen(1))
+    x0 = torch.randn(SHAPE, dtype=torch.float64, generator=gen(0))
+    eps = torch.randn(SHAPE, dtype=torch.float64, generator=gen(1))
     for a, s in [ddpm_schedule().alpha_sigma(torch.randint(0, 1000, SHAPE[:2], generator=gen(2))),
                  FlowSchedule().alpha_sigma(0.05 + 0.9 * torch.rand(SHAPE[:2], generator=gen(3), dtype=torch.float64))]:
         bc = lambda c: c[..., None, None, None]  # noqa: E731
@@ -292,7 +293,8 @@ def test_equal_columns_reproduce_ddim(backend, eta, objective):
 def test_equal_columns_reproduce_euler_flow(backend):
     S, _ = unconditional(flow_ladder(20), SHAPE[1])
     fl = FlowSchedule()
-    got = sample(FakeDenoiser(), fl, S, shape=SHAPE, dtype=torch.float64, objective="flow", generator=gen(4), backend=backend)
+    got = sample(FakeDenoiser(), fl, S, shape=SHAPE, dtype=torch.float64, objective="flow", generator=gen(4),
+                 backend=backend)
     x = torch.randn(SHAPE, generator=gen(4), dtype=torch.float64)
     model = FakeDenoiser()
     times = torch.linspace(1, 0, 21, dtype=torch.float64)

@@ -54,7 +54,9 @@ def prediction_coeffs(objective: str, a: torch.Tensor, s: torch.Tensor) -> torch
     return torch.stack([torch.stack(r, -1) for r in rows], -2)
 
 
-def training_target(objective: str, x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: torch.Tensor, ops) -> torch.Tensor:
+def training_target(
+    objective: str, x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: torch.Tensor, ops
+) -> torch.Tensor:
     """The regression target for x0, eps (B, F, ...) and per-frame a, s (B, F)."""
     return ops.frame_combine([x0, eps], target_coeffs(objective, a, s))
 

@@ -60,7 +60,9 @@ def ddpm_step(schedule: DDPMSchedule, t: torch.Tensor, s: torch.Tensor, variance
     return StepWeights(x=w_x, x0=w_x0, eps=torch.zeros_like(w_x), noise=std)
 
 
-def ddpm_log_variance_bounds(schedule: DDPMSchedule, t: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ddpm_log_variance_bounds(
+    schedule: DDPMSchedule, t: torch.Tensor, s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(min_log, max_log) per frame for a learned variance, log beta~ and log beta of the step
     t -> s; the model's log-variance is frac * max_log + (1 - frac) * min_log."""
     ab_t, ab_s = schedule.alpha_bar(t), schedule.alpha_bar(s)
@@ -165,7 +167,8 @@ def sample(
         s = torch.where(hold, clean, S[i + 1])
         moving = t != s
         if bool(moving.any()):
-            x = _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops, x, t, s, moving, generator)
+            x = _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops,
+                      x, t, s, moving, generator)
             if bool(hold.any()):  # bit-exact whatever the arithmetic did
                 x = torch.where(per_frame(hold, x), x0_held, x)
         if callback is not None:

@@ -140,7 +140,7 @@ def long_video(
         x0_held = None
         if n_hold:
             prefix = video[:, -n_hold:]
-            x0_held = torch.zeros((prefix.shape[0], window, *prefix.shape[2:]), dtype=prefix.dtype, device=prefix.device)
+            x0_held = prefix.new_zeros((prefix.shape[0], window, *prefix.shape[2:]))
             x0_held[:, :n_hold] = prefix
         out = generate_window(held, x0_held)
         new = out[:, n_hold:]

@@ -278,7 +278,9 @@ class Latte(nn.Module):
             nn.init.zeros_(mod.weight)
             nn.init.zeros_(mod.bias)
 
-    def conditioning(self, t: torch.Tensor, y: torch.Tensor | None = None, num_frames: int | None = None) -> torch.Tensor:
+    def conditioning(
+        self, t: torch.Tensor, y: torch.Tensor | None = None, num_frames: int | None = None
+    ) -> torch.Tensor:
         """Per-frame conditioning c (B, F, D): timestep embedding of t (B, F) (or (B,) repeated
         over num_frames) plus the class embedding of y (B,), the same for every frame."""
         if t.dim() == 1:
