@@ -199,6 +199,19 @@ def test_vb_term_trains_only_the_variance_channels():
     vb.sum().backward()
     assert torch.equal(out.grad[:, :, :2], torch.zeros_like(out.grad[:, :, :2]))
     assert out.grad[:, :, 2:].abs().max() > 0
+    # frame (0, 2), t = 300: KL(q(x_299 | x_300, x0) || p) from the formulas, in bits per dim
+    b = sch.betas.tolist()
+    ab = math.prod(1 - bi for bi in b[:301])
+    ab_prev = ab / (1 - b[300])
+    c1, c2 = math.sqrt(ab_prev) * b[300] / (1 - ab), math.sqrt(1 - b[300]) * (1 - ab_prev) / (1 - ab)
+    xt, x0f, o = x_t[0, 2].double(), x0[0, 2].double(), out.detach()[0, 2].double()
+    lv_true = math.log((1 - ab_prev) / (1 - ab) * b[300])
+    x0_hat = (xt - math.sqrt(1 - ab) * o[:2]) / math.sqrt(ab)
+    frac = (o[2:] + 1) / 2
+    lv_model = frac * math.log(b[300]) + (1 - frac) * lv_true
+    m_true, m_model = c1 * x0f + c2 * xt, c1 * x0_hat + c2 * xt
+    kl = 0.5 * (-1 + lv_model - lv_true + torch.exp(lv_true - lv_model) + (m_true - m_model) ** 2 * torch.exp(-lv_model))
+    assert vb[0, 2].item() == pytest.approx(kl.mean().item() / math.log(2), rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- samplers vs the papers
