@@ -1,0 +1,383 @@
+"""Latte-style video DiT with per-frame timesteps (FVDM's vectorized timestep variable).
+
+Read top to bottom: config -> embedders -> attention -> block -> final layer -> model ->
+sin-cos helpers -> presets.
+
+Activations live in one layout, x (B, F, N, D): batch, frames, tokens per frame, width.
+Spatial blocks attend over N by viewing it as (B*F, N, D); temporal blocks attend over F with
+the fused op reading q, k, v in place from the (B, F, N, 3, H, Dh) qkv projection. Nothing is
+rearranged between blocks. Every block is conditioned per frame: t (B, F) -> c (B, F, D) ->
+six (B, F, D) adaLN-zero vectors, applied through the backend's adaln_modulate and
+gated_residual, so a frame's timestep reaches only that frame's modulation.
+
+Blocks alternate spatial, temporal, spatial, ... (block i is temporal when i is odd), so a
+Latte depth of 28 is 14 spatial + 14 temporal blocks; depth 1 is a per-frame image DiT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from fvdm.ops import get_backend
+
+
+@dataclass
+class LatteConfig:
+    input_size: int = 32  # frame height = width (latent or pixel), divisible by patch_size
+    patch_size: int = 2
+    in_channels: int = 4
+    num_frames: int = 16  # length of the temporal position table; shorter clips use a prefix
+    hidden_size: int = 1152
+    depth: int = 28  # total blocks, alternating spatial / temporal
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 0  # 0: unconditional; else an extra "null" class id num_classes for CFG
+    class_dropout_prob: float = 0.1  # label -> null in training (classifier-free guidance)
+    learn_sigma: bool = True  # output 2 * in_channels: eps and the variance interpolation
+    # The official code adds fixed sin-cos tables (the temporal one once, before the first
+    # temporal block). learned_pos_embed=True makes both tables parameters initialised to the
+    # same sin-cos values, as DESIGN.md asks; False reproduces the official fixed buffers.
+    learned_pos_embed: bool = True
+    grad_checkpointing: bool = False
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    def validate(self) -> None:
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 (2-D sin-cos embedding)")
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+
+
+# ----------------------------------------------------------------------------- embedders
+
+
+class PatchEmbed(nn.Module):
+    """Each frame on its own: (B, F, C, H, W) -> (B, F, N, D) with N = (H / p) * (W / p)."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, Fr = x.shape[:2]
+        x = self.proj(x.flatten(0, 1))  # (B*F, D, h, w)
+        return x.flatten(2).transpose(1, 2).reshape(B, Fr, -1, x.shape[1])  # (B, F, N, D)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of (possibly fractional) timesteps, any shape (...) -> (..., dim),
+    [cos | sin] halves, frequencies max_period^(-i / half). Computed in float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float().unsqueeze(-1) * freqs
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Per-frame timestep embedding: t (B, F) -> sinusoid (B, F, 256) -> MLP -> (B, F, D)."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = timestep_embedding(t, self.frequency_size)  # float32
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # model weights may be bf16
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels (B,) -> (B, D). Id num_classes is the null label; in training each label
+    becomes null with probability dropout_prob (classifier-free guidance)."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(y.shape, device=y.device) < self.dropout_prob
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return self.embedding(y)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class SpatialAttention(nn.Module):
+    """Self-attention among the N tokens of each frame: (B, F, N, D) seen as (B*F, N, D)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        B, Fr, N, D = x.shape
+        H = self.num_heads
+        qkv = self.qkv(x).view(B * Fr, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (3, B*F, H, N, Dh)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B*F, H, N, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, Fr, N, D))
+
+
+class TemporalAttention(nn.Module):
+    """Self-attention along F for every (b, token, head). The fused op reads q, k, v in place
+    from the (B, F, N, 3, H, Dh) projection and writes (B, F, N, H, Dh): no transposes."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        B, Fr, N, D = x.shape
+        H = self.num_heads
+        q, k, v = self.qkv(x).view(B, Fr, N, 3, H, D // H).unbind(3)  # each (B, F, N, H, Dh), strided
+        out = ops.temporal_attention(q, k, v)  # (B, F, N, H, Dh) contiguous
+        return self.proj(out.view(B, Fr, N, D))
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class LatteBlock(nn.Module):
+    """adaLN-zero transformer block, spatial or temporal, conditioned per frame by c (B, F, D)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, temporal: bool):
+        super().__init__()
+        self.temporal = temporal
+        self.attn = (TemporalAttention if temporal else SpatialAttention)(dim, num_heads)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ops) -> torch.Tensor:
+        # Six (B, F, D) vectors per frame; cast to the residual stream's dtype because the
+        # fused ops take one dtype (under autocast the Linear gives bf16, x stays float32).
+        mods = self.adaLN_modulation(c).to(x.dtype).chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods
+        h = self.attn(ops.adaln_modulate(x, shift1, scale1), ops)
+        x = ops.gated_residual(x, h.to(x.dtype), gate1)
+        h = self.mlp(ops.adaln_modulate(x, shift2, scale2))
+        return ops.gated_residual(x, h.to(x.dtype), gate2)
+
+
+class FinalLayer(nn.Module):
+    """Per-frame adaLN, then a Linear to the p*p*C_out values of each patch."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ops) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).to(x.dtype).chunk(2, dim=-1)
+        return self.linear(ops.adaln_modulate(x, shift, scale))  # (B, F, N, p*p*C_out)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Latte(nn.Module):
+    """Video DiT with per-frame timesteps.
+
+    forward(x (B, F, C, H, W), t (B, F) or (B,), y (B,) or None) -> (B, F, C_out, H, W).
+    backend: "fused" | "reference" | "auto", the operator set (fvdm.ops.get_backend); it can
+    be changed later with set_backend()."""
+
+    def __init__(self, config: LatteConfig, backend: str = "auto"):
+        super().__init__()
+        config.validate()
+        self.config = config
+        D = config.hidden_size
+        self.set_backend(backend)
+
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = (
+            LabelEmbedder(config.num_classes, D, config.class_dropout_prob) if config.num_classes > 0 else None
+        )
+        grid = config.input_size // config.patch_size
+        spatial = sincos_2d(D, grid).view(1, 1, grid * grid, D)
+        temporal = sincos_1d(D, torch.arange(config.num_frames, dtype=torch.float64)).view(1, -1, 1, D)
+        if config.learned_pos_embed:
+            self.pos_embed = nn.Parameter(spatial)
+            self.temp_embed = nn.Parameter(temporal)
+        else:
+            self.register_buffer("pos_embed", spatial, persistent=False)
+            self.register_buffer("temp_embed", temporal, persistent=False)
+
+        self.blocks = nn.ModuleList(
+            LatteBlock(D, config.num_heads, config.mlp_ratio, temporal=i % 2 == 1) for i in range(config.depth)
+        )
+        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+        self.initialize_weights()
+
+    def set_backend(self, backend: str) -> None:
+        self.backend = backend
+        self.ops = get_backend(backend)
+
+    def initialize_weights(self) -> None:
+        """Xavier Linears, N(0, 0.02) embedding MLPs, and adaLN-zero: the adaLN Linears and the
+        output Linear start at zero, so every block is the identity and the output is zero."""
+
+        def xavier(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+        self.apply(xavier)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over a flattened patch
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding.weight, std=0.02)
+        for mod in [b.adaLN_modulation[-1] for b in self.blocks] + [
+            self.final_layer.adaLN_modulation[-1],
+            self.final_layer.linear,
+        ]:
+            nn.init.zeros_(mod.weight)
+            nn.init.zeros_(mod.bias)
+
+    def conditioning(
+        self, t: torch.Tensor, y: torch.Tensor | None = None, num_frames: int | None = None
+    ) -> torch.Tensor:
+        """Per-frame conditioning c (B, F, D): timestep embedding of t (B, F) (or (B,) repeated
+        over num_frames) plus the class embedding of y (B,), the same for every frame."""
+        if t.dim() == 1:
+            if num_frames is None:
+                raise ValueError("t has shape (B,): pass num_frames to broadcast it to (B, F)")
+            t = t[:, None].expand(-1, num_frames)
+        elif t.dim() != 2:
+            raise ValueError(f"t must have shape (B, F) or (B,), got {tuple(t.shape)}")
+        c = self.t_embedder(t)  # (B, F, D)
+        if self.y_embedder is not None:
+            if y is None:
+                raise ValueError("y (class labels, shape (B,)) is required: the model has num_classes > 0")
+            if y.shape != (t.shape[0],):
+                raise ValueError(f"y must have shape ({t.shape[0]},), got {tuple(y.shape)}")
+            c = c + self.y_embedder(y)[:, None, :]  # same label for every frame
+        elif y is not None:
+            raise ValueError("y was given but the model is unconditional (num_classes = 0)")
+        return c
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        cfg = self.config
+        if x.dim() != 5 or x.shape[2] != cfg.in_channels or x.shape[3:] != (cfg.input_size, cfg.input_size):
+            raise ValueError(
+                f"x must have shape (B, F, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), "
+                f"got {tuple(x.shape)}"
+            )
+        B, Fr = x.shape[:2]
+        if Fr > cfg.num_frames:
+            raise ValueError(f"x has {Fr} frames but the model was built for at most num_frames={cfg.num_frames}")
+        if t.shape not in ((B,), (B, Fr)):
+            raise ValueError(f"t must have shape ({B}, {Fr}) or ({B},), got {tuple(t.shape)}")
+
+        c = self.conditioning(t, y, Fr)  # (B, F, D)
+        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, F, N, D)
+        for i, block in enumerate(self.blocks):
+            if i == 1:  # the temporal table goes in once, before the first temporal block
+                h = h + self.temp_embed[:, :Fr].to(h.dtype)
+            if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, self.ops, use_reentrant=False)
+            else:
+                h = block(h, c, self.ops)
+        h = self.final_layer(h, c, self.ops)  # (B, F, N, p*p*C_out)
+        return self.unpatchify(h)  # (B, F, C_out, H, W)
+
+    def unpatchify(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, F, N, p*p*C) -> (B, F, C, H, W), patch values ordered (p_row, p_col, C)."""
+        B, Fr, N, _ = h.shape
+        p, C = self.config.patch_size, self.config.out_channels
+        g = int(math.isqrt(N))
+        h = h.reshape(B, Fr, g, g, p, p, C)
+        return h.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, Fr, C, g * p, g * p)
+
+
+# ----------------------------------------------------------------------------- sin-cos helpers
+
+
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """(M,) positions -> (M, dim) [sin | cos] with frequencies 10000^(-2i / dim), in float64
+    then float32."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = pos.to(torch.float64).reshape(-1, 1) * omega
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1).float()
+
+
+def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
+    """(grid*grid, dim): half the channels encode the column, half the row (row-major tokens)."""
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+
+
+# ----------------------------------------------------------------------------- presets
+
+# name -> (depth, hidden_size, num_heads); patch size after the slash, as in DiT / Latte.
+LATTE_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "XL/2": (28, 1152, 16, 2),
+    "L/2": (24, 1024, 16, 2),
+    "B/2": (12, 768, 12, 2),
+    "S/2": (12, 384, 6, 2),
+    "mini/2": (6, 128, 4, 2),  # CPU demo size
+    "T/2": (4, 64, 4, 2),  # tests
+}
+
+
+def latte_config(name: str, **overrides) -> LatteConfig:
+    """A LatteConfig for a named size ("S/2", "B/2", "L/2", "XL/2", "mini/2", "T/2"), with
+    any field overridden, e.g. latte_config("S/2", input_size=32, in_channels=4)."""
+    if name not in LATTE_SIZES:
+        raise ValueError(f"unknown model size {name!r}; choose one of {sorted(LATTE_SIZES)}")
+    depth, width, heads, patch = LATTE_SIZES[name]
+    base = LatteConfig(depth=depth, hidden_size=width, num_heads=heads, patch_size=patch)
+    unknown = set(overrides) - set(asdict(base))
+    if unknown:
+        raise ValueError(f"unknown LatteConfig field(s) {sorted(unknown)}")
+    return replace(base, **overrides)
+
+
+def latte(name: str, backend: str = "auto", **overrides) -> Latte:
+    """Build a named Latte size: latte("T/2", input_size=8, in_channels=3, num_frames=4)."""
+    return Latte(latte_config(name, **overrides), backend=backend)
