@@ -60,7 +60,7 @@ TARGETS = [
     Target("cpu", "noise_inject", "fp32", "fwd", "vs_reference", 2.0),
     Target("cpu", "temporal_attention", "fp32", "fwd", "vs_reference", 2.0),
     Target("cpu", "temporal_attention", "fp32", "fwd+bwd", "vs_reference", 1.5),
-    Target("cpu", "*", "fp32", "*", "vs_compiled", 1.0),
+    Target("cpu", "*", "fp32", "fwd", "vs_compiled", 1.0),
     Target("cuda", "adaln_modulate", "bf16", "fwd", "pct_copy", 80.0),
     Target("cuda", "noise_inject", "bf16", "fwd", "pct_copy", 80.0),
     Target("cuda", "adaln_modulate", "bf16", "fwd", "vs_compiled", 1.0),

@@ -43,11 +43,41 @@ _REFERENCE = SimpleNamespace(
 )
 
 
+
+def _fused_devices() -> frozenset[str]:
+    if not HAS_C:
+        return frozenset()
+    from fvdm._ext import build_info
+
+    return frozenset({"cpu", "cuda"} if build_info()["cuda"] else {"cpu"})
+
+
+_FUSED_DEVICES = _fused_devices()
+
+
+def _auto(name: str):
+    """Per call: the fused kernel when this build has one for the input's device, else the
+    reference (so a CPU-only build still runs a model moved to a GPU)."""
+    fused, ref = getattr(_FUSED, name), getattr(_REFERENCE, name)
+
+    def op(first, *args, **kwargs):
+        device = (first[0] if isinstance(first, (list, tuple)) else first).device.type
+        return (fused if device in _FUSED_DEVICES else ref)(first, *args, **kwargs)
+
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = fused.__doc__
+    return op
+
+
+_AUTO = SimpleNamespace(name="auto", **{op: _auto(op) for op in vars(_FUSED) if op != "name"})
+
+
 def get_backend(name: str = "auto") -> SimpleNamespace:
     """The operator set for a backend: "fused" (fvdm._C kernels), "reference" (plain PyTorch),
-    or "auto" (fused when fvdm._C is built, else reference)."""
+    or "auto" (per call, fused where this build has a kernel for the input's device, else
+    reference)."""
     if name == "auto":
-        return _FUSED if HAS_C else _REFERENCE
+        return _AUTO
     if name == "fused":
         from fvdm._ext import require_c
 
