@@ -137,6 +137,58 @@ def bench_kernels(
     console.print(f"targets met: {len(verdicts) - len(missed)}/{len(verdicts)}; results written to {path}")
 
 
+@bench_app.command("model")
+def bench_model(
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    size: Annotated[str, typer.Option(help="model size: S/2, B/2, L/2, XL/2, mini/2, T/2")] = "S/2",
+    batch: Annotated[int, typer.Option(min=1, help="clips per step")] = 1,
+    frames: Annotated[int, typer.Option(min=1, help="frames per clip")] = 16,
+    dtype: Annotated[str, typer.Option(help="fp32, or bf16 (autocast)")] = "fp32",
+    steps: Annotated[int, typer.Option(min=1, help="timed steps per measurement")] = 3,
+    variants: Annotated[str, typer.Option(help="comma list of fused, reference, compiled")] = "fused,reference,compiled",
+    out: Annotated[Path | None, typer.Option(help="JSON output path (default benchmarks/results/model-<device>.json)")] = None,
+) -> None:
+    """Time one training step and one sampling step of the video DiT: fused vs reference vs torch.compile."""
+    from fvdm.bench import model as mb
+    from fvdm.bench.common import write_results
+    from fvdm.models import LATTE_SIZES
+
+    dev = _device(device)
+    if size not in LATTE_SIZES:
+        fail(f"unknown model size {size!r}; choose from {', '.join(LATTE_SIZES)}")
+    if dtype not in ("fp32", "bf16"):
+        fail(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    names = _split(variants, list(mb.VARIANTS), "variant")
+    cfg = mb.ModelBenchConfig(size=size, batch=batch, frames=frames, dtype=dtype, steps=steps, device=dev.type)
+    rows = []
+    with progress() as bar:
+        task = bar.add_task("model bench", total=len(names))
+        for name in names:
+            bar.update(task, description=f"{size} {name} (own process)")
+            rows.extend(mb.run(cfg, [name]))
+            bar.advance(task)
+    base = {r["variant"]: r for r in rows if "error" not in r}
+    table = Table(title=f"fvdm model {size}, B{batch} F{frames} {cfg.latent_size}x{cfg.latent_size}x{cfg.channels}, {dtype}, {dev.type}")
+    mem_key = "train_step_peak_mib" if dev.type == "cuda" else "peak_rss_mib"
+    for col in ["variant", "train step ms", "sample step ms", "peak MiB", "train vs fused"]:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["variant"], f"[red]{r['error']}[/]", "", "", "")
+            continue
+        ratio = r["train_step_ms"] / base["fused"]["train_step_ms"] if "fused" in base else None
+        table.add_row(r["variant"], f"{r['train_step_ms']:.1f}", f"{r['sample_step_ms']:.1f}", f"{r[mem_key]:.0f}",
+                      f"{ratio:.2f}x" if ratio else "-")
+    console.print(table)
+    if "fused" in base:
+        for other in ("reference", "compiled"):
+            if other in base:
+                for k in ("train_step_ms", "sample_step_ms"):
+                    base["fused"][f"{k.split('_ms')[0]}_speedup_vs_{other}"] = base[other][k] / base["fused"][k]
+    path = write_results(f"model-{size.replace('/', '')}-{dtype}", dev, {"config": vars(cfg), "rows": rows}, out)
+    console.print(f"results written to {path}")
+
+
 def main() -> None:
     app()
 

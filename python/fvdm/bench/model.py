@@ -1,0 +1,114 @@
+"""Model benchmark: one training step (forward + backward + AdamW) and one sampling step of the
+video DiT, with the fused operators vs the reference backend vs torch.compile of the reference
+model, in the same run. Each variant runs in its own process so that peak memory (CUDA: peak
+allocated; CPU: peak resident set size of the process) belongs to that variant alone."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+VARIANTS = ("fused", "reference", "compiled")
+
+
+@dataclass
+class ModelBenchConfig:
+    size: str = "S/2"
+    batch: int = 1
+    frames: int = 16
+    latent_size: int = 32  # 32x32x4 latents, as SD-VAE gives for 256x256 video
+    channels: int = 4
+    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    steps: int = 3  # timed steps after warmup
+    warmup: int = 1
+    device: str = "cpu"
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _measure(variant: str, cfg_dict: dict, queue) -> None:
+    """Child process: build the model for one variant, time the steps, report through queue."""
+    try:
+        queue.put(_measure_inner(variant, ModelBenchConfig(**cfg_dict)))
+    except Exception as exc:  # report, do not hang the parent
+        queue.put({"variant": variant, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def _measure_inner(variant: str, cfg: ModelBenchConfig) -> dict:
+    from fvdm.diffusion import diffusion_loss, make_schedule, sample_timesteps
+    from fvdm.models import latte
+
+    device = torch.device(cfg.device)
+    torch.manual_seed(0)
+    backend = "fused" if variant == "fused" else "reference"
+    model = latte(cfg.size, backend=backend, num_frames=cfg.frames, input_size=cfg.latent_size,
+                  in_channels=cfg.channels, learn_sigma=True).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    fn = torch.compile(model) if variant == "compiled" else model
+    schedule = make_schedule("linear")
+    gen = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.randn(cfg.batch, cfg.frames, cfg.channels, cfg.latent_size, cfg.latent_size, device=device, generator=gen)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train_step():
+        t = sample_timesteps(cfg.batch, cfg.frames, 0.2, generator=gen, device=device)
+        with amp:
+            loss = diffusion_loss(fn, schedule, x0, t, learn_sigma=True, generator=gen, backend=backend).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    @torch.no_grad()
+    def sample_step():
+        t = torch.full((cfg.batch, cfg.frames), 500.0, device=device)
+        with amp:
+            fn(x0, t)
+
+    results = {"variant": variant}
+    for name, step in (("train_step", train_step), ("sample_step", sample_step)):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        rss_before = _rss_mib()
+        for _ in range(cfg.warmup):  # includes compilation for the compiled variant
+            step()
+        sync()
+        times = []
+        for _ in range(cfg.steps):
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        results[f"{name}_ms"] = statistics.median(times)
+        if device.type == "cuda":
+            results[f"{name}_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            results[f"{name}_rss_before_mib"] = rss_before
+    if device.type == "cpu":
+        results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    return results
+
+
+def run(cfg: ModelBenchConfig, variants=VARIANTS) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    rows = []
+    for variant in variants:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_measure, args=(variant, asdict(cfg), queue))
+        proc.start()
+        row = queue.get()
+        proc.join()
+        rows.append(row)
+    return rows
