@@ -19,6 +19,24 @@ import fvdm
 RESULTS_DIR = Path("benchmarks") / "results"
 
 
+def keep_freed_memory() -> bool:
+    """Tells glibc malloc to keep freed memory in the heap instead of returning it to the OS
+    (no mmap for large blocks, no trimming). Otherwise, whether a freed activation buffer is
+    unmapped and page-faulted back on the next call depends on heap history, and the eager
+    reference's temporaries swing between e.g. 1 ms and 9 ms from run to run. With this, every
+    variant runs with a warm allocator, as PyTorch's caching allocator gives on CUDA. Off by
+    default: the default allocator is what eager PyTorch users get."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        big = 1 << 30
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, big)) and bool(libc.mallopt(M_TRIM_THRESHOLD, big))
+    except (OSError, AttributeError):
+        return False
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
