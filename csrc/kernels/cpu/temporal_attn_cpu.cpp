@@ -1,9 +1,406 @@
-// CPU kernels for fused temporal attention. (Placeholder until the kernels land.)
-#include <c10/util/Exception.h>
+// CPU kernels for fused temporal attention: softmax(scale * q k^T) v along the frame axis for
+// every (b, token n, head h) "sequence" of F frames.
+//
+// Work split: at::parallel_for over the B*N tokens. A token's heads are handled together: its Q,
+// K and V rows are gathered frame by frame, heads innermost, which reads the qkv buffer as F
+// sequential runs of 3*H*Dh values (in the (B,F,N,3,H,Dh) layout) instead of 3*F*H scattered
+// rows; gathered per-head buffers stay in L2 (heads are grouped so that they fit). Every
+// product is a small GEMM on those buffers with a register-blocked micro-kernel (4 rows x 16
+// columns of accumulators, columns padded to a multiple of 16 with zeros), so nothing depends
+// on a store-to-load round trip in the inner loop. The softmax works on whole rows of F scores
+// with a vectorizable exp. The backward recomputes P from the saved log-sum-exp
+// (FlashAttention's recipe) and accumulates dK, dV per sequence, so sequences never share writes.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
 
+#include "convert.h"
+#include "cpu_utils.h"
+#include "fvdm/dispatch.h"
 #include "fvdm/kernels.h"
 
 namespace fvdm::cpu {
-void temporal_attn_fwd(const TemporalAttnFwdParams&) { TORCH_CHECK(false, "fvdm: temporal_attention CPU kernel not built yet"); }
-void temporal_attn_bwd(const TemporalAttnBwdParams&) { TORCH_CHECK(false, "fvdm: temporal_attention CPU kernel not built yet"); }
+namespace {
+
+constexpr int64_t kLanes = 16;  // micro-kernel column block
+inline int64_t pad(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// x[j] = exp(x[j]) for n values (n a multiple of kLanes). std::exp does not vectorize without
+// -ffast-math, and softmax needs F*F of them per sequence: with AVX-512 this is Cody-Waite range
+// reduction, the Cephes degree-5 polynomial and scalef (about 1 ulp); otherwise std::exp.
+inline void exp_inplace(float* x, int64_t n) {
+#if defined(__AVX512F__)
+  const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.7f);
+  for (int64_t j = 0; j + 16 <= n; j += 16) {
+    __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_loadu_ps(x + j), lo), hi);
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);
+    v = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), v);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, v), v, v), _mm512_set1_ps(1.0f));
+    _mm512_storeu_ps(x + j, _mm512_scalef_ps(y, k));  // y * 2^k
+  }
+#else
+  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j]);
+#endif
+}
+inline void exp_inplace(double* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j]);
+}
+
+// C[R x Np] = A[R x K] * B[K x Np] for R (<= 4) rows; Np a multiple of kLanes. The R x kLanes
+// accumulators live in registers across the whole K loop.
+template <int R, typename T>
+inline void gemm_rows(const T* __restrict__ A, int64_t lda, const T* __restrict__ B, int64_t ldb, T* __restrict__ C,
+                      int64_t ldc, int64_t K, int64_t Np) {
+  for (int64_t c0 = 0; c0 < Np; c0 += kLanes) {
+    T acc[R][kLanes] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      const T* __restrict__ b = B + k * ldb + c0;
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const T a = A[r * lda + k];
+#pragma omp simd
+        for (int64_t j = 0; j < kLanes; ++j) acc[r][j] += a * b[j];
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) C[r * ldc + c0 + j] = acc[r][j];
+  }
+}
+
+// C[M x Np] = A[M x K] * B[K x Np].
+template <typename T>
+void gemm(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M, int64_t K, int64_t Np) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) gemm_rows<4>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, Np);
+  switch (M - m) {
+    case 3: gemm_rows<3>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, Np); break;
+    case 2: gemm_rows<2>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, Np); break;
+    case 1: gemm_rows<1>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, Np); break;
+    default: break;
+  }
+}
+
+// dst[c x r] = src[r x c] (leading dims given).
+template <typename T>
+inline void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+// Short row copies inline (a memcpy call per 64..128-value row costs as much as the copy).
+template <typename T>
+inline void copy_row(const T* __restrict__ src, T* __restrict__ dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
+// A row in op-math type to storage type, inline for fp32/fp64.
+template <typename scalar_t, typename opmath_t>
+inline void store_row(const opmath_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) copy_row(src, dst, n);
+  else from_opmath(src, dst, n);
+}
+
+template <typename scalar_t>
+struct Strided {
+  const scalar_t* base;
+  AttnStrides st;
+  // Row (b, f, n, h, :) of a strided (B, F, N, H, Dh) tensor.
+  const scalar_t* row(int64_t b, int64_t f, int64_t n, int64_t h) const {
+    return base + b * st.b + f * st.f + n * st.n + h * st.h;
+  }
+};
+
+// Software prefetch of the rows the next token will gather: the F frames of a token are F
+// separate places in memory, too far apart and too short for the hardware prefetcher to run
+// ahead of, so without this every gather starts with cache misses.
+// Issued one head at a time, spread over the current token's compute, so the requests do not
+// all queue up at once.
+template <typename scalar_t>
+inline void prefetch_head(const Strided<scalar_t>& src, int64_t b, int64_t n, int64_t h, int64_t F, int64_t Dh) {
+  const int64_t bytes = Dh * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t f = 0; f < F; ++f) {
+    const char* row = reinterpret_cast<const char*>(src.row(b, f, n, h));
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off);
+  }
+}
+
+// allow[i * Fp + j] = 1 where query i may attend key j (causal: j <= i; key_mask[b, j]), else
+// 0, padding included. Returns, per query, whether it has any key.
+template <typename opmath_t>
+void build_allow(const TemporalAttnFwdParams& p, int64_t b, int64_t Fp, opmath_t* allow, std::vector<char>& any) {
+  const int64_t F = p.F;
+  for (int64_t i = 0; i < F; ++i) {
+    bool has = false;
+    for (int64_t j = 0; j < Fp; ++j) {
+      const bool ok = j < F && (!p.causal || j <= i) && (p.key_mask == nullptr || p.key_mask[b * F + j]);
+      allow[i * Fp + j] = ok ? opmath_t(1) : opmath_t(0);
+      has |= ok;
+    }
+    any[i] = has;
+  }
+}
+
+// In place over rows of scaled scores: P = exp(s - m) * allow / l, row max m, lse = m + log l.
+template <typename opmath_t>
+void softmax_rows_generic(opmath_t* s, const opmath_t* allow, const std::vector<char>& any, int64_t F, int64_t Fp,
+                  opmath_t scale, opmath_t* lse) {
+  for (int64_t i = 0; i < F; ++i) {
+    opmath_t* __restrict__ r = s + i * Fp;
+    const opmath_t* __restrict__ a = allow + i * Fp;
+    if (!any[i]) {  // nothing to attend: P = 0 gives a zero output; lse = -inf
+      std::fill(r, r + Fp, opmath_t(0));
+      lse[i] = -std::numeric_limits<opmath_t>::infinity();
+      continue;
+    }
+    constexpr opmath_t kNegInf = -std::numeric_limits<opmath_t>::infinity();
+    opmath_t m = kNegInf;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < Fp; ++j) {
+      r[j] = a[j] != 0 ? r[j] * scale : kNegInf;  // exp(-inf) = 0 drops masked keys
+      m = std::max(m, r[j]);
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < Fp; ++j) r[j] -= m;
+    exp_inplace(r, Fp);
+    opmath_t l = 0;
+#pragma omp simd reduction(+ : l)
+    for (int64_t j = 0; j < Fp; ++j) {
+      r[j] *= a[j];  // exact zeros for masked keys (exp is clamped, not exact, far below 0)
+      l += r[j];
+    }
+    const opmath_t inv = opmath_t(1) / l;
+#pragma omp simd
+    for (int64_t j = 0; j < Fp; ++j) r[j] *= inv;
+    lse[i] = m + std::log(l);
+  }
+}
+
+template <typename opmath_t>
+inline void softmax_rows(opmath_t* s, const opmath_t* allow, const std::vector<char>& any, int64_t F, int64_t Fp,
+                         opmath_t scale, opmath_t* lse) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<opmath_t, float>) {
+    // One pass per row in registers; rows are whole 16-lane vectors (Fp is padded).
+    const __m512 vscale = _mm512_set1_ps(scale), neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < F; ++i) {
+      float* r = s + i * Fp;
+      const float* a = allow + i * Fp;
+      if (!any[i]) {
+        std::fill(r, r + Fp, 0.0f);
+        lse[i] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      __m512 vmax = neg_inf;
+      for (int64_t j = 0; j < Fp; j += 16) {
+        const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_loadu_ps(a + j), _mm512_setzero_ps(), _CMP_NEQ_OQ);
+        const __m512 v = _mm512_mask_mul_ps(neg_inf, ok, _mm512_loadu_ps(r + j), vscale);
+        _mm512_storeu_ps(r + j, v);
+        vmax = _mm512_max_ps(vmax, v);
+      }
+      const float m = _mm512_reduce_max_ps(vmax);
+      const __m512 vm = _mm512_set1_ps(m);
+      for (int64_t j = 0; j < Fp; j += 16) _mm512_storeu_ps(r + j, _mm512_sub_ps(_mm512_loadu_ps(r + j), vm));
+      exp_inplace(r, Fp);
+      __m512 vsum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < Fp; j += 16) {  // exact zeros for masked keys (exp is clamped, not exact)
+        const __m512 p = _mm512_mul_ps(_mm512_loadu_ps(r + j), _mm512_loadu_ps(a + j));
+        _mm512_storeu_ps(r + j, p);
+        vsum = _mm512_add_ps(vsum, p);
+      }
+      const float l = _mm512_reduce_add_ps(vsum);
+      const __m512 inv = _mm512_set1_ps(1.0f / l);
+      for (int64_t j = 0; j < Fp; j += 16) _mm512_storeu_ps(r + j, _mm512_mul_ps(_mm512_loadu_ps(r + j), inv));
+      lse[i] = m + std::log(l);
+    }
+    return;
+  }
+#endif
+  softmax_rows_generic(s, allow, any, F, Fp, scale, lse);
+}
+
+// Buffers of one sequence, allocated once per parallel chunk; zero padding stays zero.
+template <typename opmath_t>
+struct Buf {
+  std::vector<opmath_t> v;
+  explicit Buf(int64_t n) : v(n, opmath_t(0)) {}
+  opmath_t* operator()() { return v.data(); }
+};
+
+// Heads per group so that `floats_per_head` op-math values per head stay within ~1 MiB.
+inline int64_t heads_per_group(int64_t H, int64_t floats_per_head) {
+  return std::clamp<int64_t>((int64_t(1) << 18) / std::max<int64_t>(floats_per_head, 1), 1, H);
+}
+
+inline int64_t out_offset(int64_t b, int64_t f, int64_t n, int64_t h, int64_t F, int64_t N, int64_t H, int64_t Dh) {
+  return (((b * F + f) * N + n) * H + h) * Dh;
+}
+
+template <typename scalar_t, typename opmath_t>
+void attn_fwd_impl(const TemporalAttnFwdParams& p) {
+  const int64_t B = p.B, F = p.F, N = p.N, H = p.H, Dh = p.Dh;
+  const int64_t Fp = pad(F), Dhp = pad(Dh);
+  const Strided<scalar_t> Q{static_cast<const scalar_t*>(p.q), p.q_stride};
+  const Strided<scalar_t> K{static_cast<const scalar_t*>(p.k), p.k_stride};
+  const Strided<scalar_t> V{static_cast<const scalar_t*>(p.v), p.v_stride};
+  auto* out = static_cast<scalar_t*>(p.out);
+  auto* lse = static_cast<opmath_t*>(p.lse);
+  const auto scale = static_cast<opmath_t>(p.scale);
+  // Per head: q, k (F x Dh), v (F x Dhp); k^T (Dh x Fp) is made per head from k while in L1
+  // (scattering it straight from the gather touches Dh cache lines per row and was the
+  // slowest part of the kernel).
+  const int64_t q_sz = F * Dh, v_sz = F * Dhp;
+  const int64_t HG = heads_per_group(H, 2 * q_sz + v_sz);
+  at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
+    Buf<opmath_t> q(HG * q_sz), k(HG * q_sz), kt(Dh * Fp), v(HG * v_sz), s(F * Fp), allow(F * Fp), o(F * Dhp), tmp(Dh);
+    std::vector<char> any(F);
+    int64_t mask_b = -1;
+    for (int64_t token = begin; token < end; ++token) {
+      const int64_t n = token % N, b = token / N;
+      if (b != mask_b) {  // the mask depends on b only
+        build_allow(p, b, Fp, allow(), any);
+        mask_b = b;
+      }
+      const bool prefetch = token + 1 < end;
+      const int64_t n1 = (token + 1) % N, b1 = (token + 1) / N;
+      for (int64_t h0 = 0; h0 < H; h0 += HG) {
+        const int64_t hn = std::min(HG, H - h0);
+        for (int64_t f = 0; f < F; ++f)  // frame-major, heads innermost: sequential reads
+          for (int64_t g = 0; g < hn; ++g) {
+            const opmath_t* r = load_row(Q.row(b, f, n, h0 + g), tmp(), Dh);
+            copy_row(r, q() + g * q_sz + f * Dh, Dh);
+            r = load_row(K.row(b, f, n, h0 + g), tmp(), Dh);
+            copy_row(r, k() + g * q_sz + f * Dh, Dh);
+            r = load_row(V.row(b, f, n, h0 + g), tmp(), Dh);
+            copy_row(r, v() + g * v_sz + f * Dhp, Dh);
+          }
+        for (int64_t g = 0; g < hn; ++g) {
+          const int64_t h = h0 + g;
+          if (prefetch)
+            for (const auto* src : {&Q, &K, &V}) prefetch_head(*src, b1, n1, h, F, Dh);
+          transpose(k() + g * q_sz, Dh, kt(), Fp, F, Dh);
+          gemm(q() + g * q_sz, Dh, kt(), Fp, s(), Fp, F, Dh, Fp);                 // S = Q K^T
+          softmax_rows(s(), allow(), any, F, Fp, scale, lse + (token * H + h) * F);  // P, normalised
+          gemm(s(), Fp, v() + g * v_sz, Dhp, o(), Dhp, F, F, Dhp);                // O = P V
+          for (int64_t i = 0; i < F; ++i) store_row(o() + i * Dhp, out + out_offset(b, i, n, h, F, N, H, Dh), Dh);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename opmath_t>
+void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
+  const TemporalAttnFwdParams& p = bp.fwd;
+  const int64_t B = p.B, F = p.F, N = p.N, H = p.H, Dh = p.Dh;
+  const int64_t Fp = pad(F), Dhp = pad(Dh);
+  const Strided<scalar_t> Q{static_cast<const scalar_t*>(p.q), p.q_stride};
+  const Strided<scalar_t> K{static_cast<const scalar_t*>(p.k), p.k_stride};
+  const Strided<scalar_t> V{static_cast<const scalar_t*>(p.v), p.v_stride};
+  // out, grad_out and the gradients are contiguous (B, F, N, H, Dh).
+  const AttnStrides contig{F * N * H * Dh, N * H * Dh, H * Dh, Dh};
+  const Strided<scalar_t> O{static_cast<const scalar_t*>(p.out), contig};
+  const Strided<scalar_t> dO{static_cast<const scalar_t*>(bp.grad_out), contig};
+  const auto* lse = static_cast<const opmath_t*>(p.lse);
+  auto* dq_out = static_cast<scalar_t*>(bp.dq);
+  auto* dk_out = static_cast<scalar_t*>(bp.dk);
+  auto* dv_out = static_cast<scalar_t*>(bp.dv);
+  const auto scale = static_cast<opmath_t>(p.scale);
+  constexpr opmath_t kNegInf = -std::numeric_limits<opmath_t>::infinity();
+  // Per head: q, k, v, dO (F x Dhp) and D_i = dO_i . O_i (F); k^T and v^T (Dh x Fp) are made
+  // per head while in L1.
+  const int64_t row_sz = F * Dhp, col_sz = Dh * Fp;
+  const int64_t HG = heads_per_group(H, 4 * row_sz + F);
+  at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
+    Buf<opmath_t> q(HG * row_sz), k(HG * row_sz), v(HG * row_sz), dout(HG * row_sz), kt(col_sz), vt(col_sz), dsum(HG * F),
+        s(F * Fp), dp(F * Fp), allow(F * Fp), t(F * F), res(F * Dhp), tmp(Dh), tmp2(Dh);
+    std::vector<char> any(F);
+    int64_t mask_b = -1;
+    for (int64_t token = begin; token < end; ++token) {
+      const int64_t n = token % N, b = token / N;
+      if (b != mask_b) {
+        build_allow(p, b, Fp, allow(), any);
+        mask_b = b;
+      }
+      const bool prefetch = token + 1 < end;
+      const int64_t n1 = (token + 1) % N, b1 = (token + 1) / N;
+      for (int64_t h0 = 0; h0 < H; h0 += HG) {
+        const int64_t hn = std::min(HG, H - h0);
+        for (int64_t f = 0; f < F; ++f)
+          for (int64_t g = 0; g < hn; ++g) {
+            const int64_t h = h0 + g;
+            const opmath_t* r = load_row(Q.row(b, f, n, h), tmp(), Dh);
+            copy_row(r, q() + g * row_sz + f * Dhp, Dh);
+            r = load_row(K.row(b, f, n, h), tmp(), Dh);
+            copy_row(r, k() + g * row_sz + f * Dhp, Dh);
+            r = load_row(V.row(b, f, n, h), tmp(), Dh);
+            copy_row(r, v() + g * row_sz + f * Dhp, Dh);
+            const opmath_t* __restrict__ go = load_row(dO.row(b, f, n, h), tmp(), Dh);
+            const opmath_t* __restrict__ oo = load_row(O.row(b, f, n, h), tmp2(), Dh);
+            copy_row(go, dout() + g * row_sz + f * Dhp, Dh);
+            opmath_t acc = 0;  // D_f = dO_f . O_f, the softmax-gradient correction
+#pragma omp simd reduction(+ : acc)
+            for (int64_t d = 0; d < Dh; ++d) acc += go[d] * oo[d];
+            dsum()[g * F + f] = acc;
+          }
+        for (int64_t g = 0; g < hn; ++g) {
+          const int64_t h = h0 + g;
+          if (prefetch)
+            for (const auto* src : {&Q, &K, &V, &O, &dO}) prefetch_head(*src, b1, n1, h, F, Dh);
+          const opmath_t* lse_seq = lse + (token * H + h) * F;
+          transpose(k() + g * row_sz, Dhp, kt(), Fp, F, Dh);
+          transpose(v() + g * row_sz, Dhp, vt(), Fp, F, Dh);
+          gemm(q() + g * row_sz, Dhp, kt(), Fp, s(), Fp, F, Dh, Fp);     // S = Q K^T
+          gemm(dout() + g * row_sz, Dhp, vt(), Fp, dp(), Fp, F, Dh, Fp);  // dP = dO V^T
+          for (int64_t i = 0; i < F; ++i) {  // P from lse; dS = P (dP - D) * scale
+            opmath_t* __restrict__ pr = s() + i * Fp;
+            opmath_t* __restrict__ dr = dp() + i * Fp;
+            const opmath_t* __restrict__ a = allow() + i * Fp;
+            const bool live = any[i] && std::isfinite(lse_seq[i]);
+            const opmath_t m = live ? lse_seq[i] : opmath_t(0), on = live ? opmath_t(1) : opmath_t(0);
+            const opmath_t di = dsum()[g * F + i];
+#pragma omp simd
+            for (int64_t j = 0; j < Fp; ++j) pr[j] = a[j] != 0 && on != 0 ? pr[j] * scale - m : kNegInf;
+            exp_inplace(pr, Fp);
+#pragma omp simd
+            for (int64_t j = 0; j < Fp; ++j) {
+              pr[j] *= a[j] * on;
+              dr[j] = pr[j] * (dr[j] - di) * scale;
+            }
+          }
+          transpose(s(), Fp, t(), F, F, F);                                   // P^T
+          gemm(t(), F, dout() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp);      // dV = P^T dO
+          for (int64_t j = 0; j < F; ++j) store_row(res() + j * Dhp, dv_out + out_offset(b, j, n, h, F, N, H, Dh), Dh);
+          transpose(dp(), Fp, t(), F, F, F);                                  // dS^T
+          gemm(t(), F, q() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp);         // dK = dS^T Q
+          for (int64_t j = 0; j < F; ++j) store_row(res() + j * Dhp, dk_out + out_offset(b, j, n, h, F, N, H, Dh), Dh);
+          gemm(dp(), Fp, k() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp);       // dQ = dS K
+          for (int64_t i = 0; i < F; ++i) store_row(res() + i * Dhp, dq_out + out_offset(b, i, n, h, F, N, H, Dh), Dh);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void temporal_attn_fwd(const TemporalAttnFwdParams& p) {
+  FVDM_DISPATCH_FLOAT_TYPES(p.dtype, "temporal_attn_fwd", [&] { attn_fwd_impl<scalar_t, opmath_t>(p); });
+}
+void temporal_attn_bwd(const TemporalAttnBwdParams& p) {
+  FVDM_DISPATCH_FLOAT_TYPES(p.fwd.dtype, "temporal_attn_bwd", [&] { attn_bwd_impl<scalar_t, opmath_t>(p); });
+}
+
 }  // namespace fvdm::cpu
