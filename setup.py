@@ -45,6 +45,13 @@ def _want_cuda(torch) -> bool:
     return have_torch_cuda and nvcc is not None
 
 
+def _cmake() -> str:
+    """The cmake installed next to this Python (pip's `cmake`) when there is one. An older
+    system cmake (3.25 here) does not know nvcc 13's C++20 flags and fails with FVDM_CUDA=1."""
+    local = Path(sys.executable).parent / "cmake"
+    return str(local) if local.exists() else "cmake"
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str):
         super().__init__(name, sources=[])
@@ -79,8 +86,8 @@ class CMakeBuild(build_ext):
                 args.append("-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache")
         env = os.environ.copy()
         env.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)
-        build = ["cmake", "--build", str(build_dir)]
+        subprocess.run([_cmake(), "-S", str(ROOT), "-B", str(build_dir), *args], check=True, env=env)
+        build = [_cmake(), "--build", str(build_dir)]
         if os.environ.get("FVDM_JOBS"):
             build += ["-j", os.environ["FVDM_JOBS"]]
         subprocess.run(build, check=True, env=env)

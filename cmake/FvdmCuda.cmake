@@ -15,10 +15,28 @@ foreach(_a IN LISTS _archs)
   endif()
 endforeach()
 
+# Reported by fvdm.build_info(); a ';' inside a compile definition would split it in two.
+string(REPLACE ";" " " FVDM_CUDA_ARCHS_STRING "${FVDM_CUDA_ARCHS_STRING}")
+
 set(CMAKE_CUDA_STANDARD 20)
 set(CMAKE_CUDA_STANDARD_REQUIRED ON)
 set(CMAKE_CUDA_ARCHITECTURES "${FVDM_CUDA_ARCHITECTURES}")
 enable_language(CUDA)
+
+# torch's config runs the legacy FindCUDA, which guesses the toolkit root from the nvcc on PATH;
+# here that is a wrapper script in /usr/local/bin, so it looked in /usr/local and found no
+# cudart. Point it at the toolkit of the compiler CMake actually uses (or CUDA_HOME).
+if(NOT CUDA_TOOLKIT_ROOT_DIR)
+  if(DEFINED ENV{CUDA_HOME} AND EXISTS "$ENV{CUDA_HOME}/bin/nvcc")
+    set(_cuda_root "$ENV{CUDA_HOME}")
+  else()
+    get_filename_component(_nvcc_real "${CMAKE_CUDA_COMPILER}" REALPATH)
+    get_filename_component(_cuda_root "${_nvcc_real}" DIRECTORY)
+    get_filename_component(_cuda_root "${_cuda_root}" DIRECTORY)
+  endif()
+  set(CUDA_TOOLKIT_ROOT_DIR "${_cuda_root}" CACHE PATH "CUDA toolkit used by torch's FindCUDA")
+  set(CUDAToolkit_ROOT "${_cuda_root}")
+endif()
 
 # pip's nvidia wheels (CUDA build of torch): headers and nvrtc live under site-packages.
 execute_process(
