@@ -63,10 +63,12 @@ class CMakeBuild(build_ext):
         import torch
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        # A fixed build folder keeps ninja incremental across `pip install -e .` runs.
-        build_dir = ROOT / "build" / f"cmake-py{sys.version_info.major}{sys.version_info.minor}"
-        build_dir.mkdir(parents=True, exist_ok=True)
         with_cuda = _want_cuda(torch)
+        # One fixed folder per (Python, torch, CUDA) keeps ninja incremental across `pip install
+        # -e .` runs without mixing CMake caches of different torch builds.
+        tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.replace('+', '-')}"
+        build_dir = ROOT / "build" / f"cmake-{tag}{'-cuda' if with_cuda else ''}"
+        build_dir.mkdir(parents=True, exist_ok=True)
         args = [
             f"-DCMAKE_BUILD_TYPE={os.environ.get('FVDM_BUILD_TYPE', 'Release')}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",

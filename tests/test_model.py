@@ -14,18 +14,6 @@ needs_c = pytest.mark.skipif(not HAS_C, reason="fvdm._C is not built")
 TINY = dict(input_size=8, in_channels=3, num_frames=6)  # 16 tokens per frame
 
 
-def fused_temporal_attention_missing() -> str | None:
-    """The reason to skip when the fused CPU temporal-attention kernel has not landed yet."""
-    q = torch.zeros(1, 2, 1, 1, 4)
-    try:
-        torch.ops.fvdm.temporal_attention(q, q, q, None, False, 0.5)
-    except RuntimeError as exc:
-        if "not built yet" in str(exc):
-            return f"fused temporal_attention kernel not built yet ({exc})"
-        raise
-    return None
-
-
 def perturbed(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
     """Add seeded noise to every parameter, so adaLN-zero layers are non-zero and gradients
     reach every weight."""
@@ -83,9 +71,6 @@ def test_fused_matches_reference_spatial_only():
 
 @needs_c
 def test_fused_matches_reference_full_model():
-    reason = fused_temporal_attention_missing()
-    if reason:
-        pytest.skip(reason)
     assert_backends_agree(depth=4, num_classes=5)
 
 
@@ -180,7 +165,7 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("fused", marks=needs_c)])
 def test_bf16_autocast(backend):
-    depth = 2 if backend == "reference" or not fused_temporal_attention_missing() else 1
+    depth = 2
     model = make(depth=depth, backend=backend)
     x, t = inputs()
     ref = model(x, t)
