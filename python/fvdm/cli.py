@@ -91,7 +91,9 @@ def bench_kernels(
     quick: Annotated[bool, typer.Option(help="one shape, fp32, short timings: a smoke run")] = False,
     min_seconds: Annotated[float, typer.Option(help="minimum timing window per measurement")] = 0.5,
     warm_allocator: Annotated[bool, typer.Option(
-        help="CPU: keep freed memory in glibc's heap (mallopt) so no variant pays page faults for fresh buffers")] = False,
+        "--warm-allocator/--default-allocator",
+        help="CPU: keep freed memory in glibc's heap (mallopt) so no variant pays page faults for fresh "
+             "buffers (steady, reproducible); --default-allocator measures glibc's default behaviour")] = True,
     out: Annotated[Path | None, typer.Option(help="JSON output path (default benchmarks/results/kernels-<device>.json)")] = None,
 ) -> None:
     """Time every fused operator against its eager reference and torch.compile of it."""
@@ -139,7 +141,7 @@ def bench_kernels(
     console.print(table)
     allocator = "warm (mallopt: keep freed memory)" if warm_allocator and dev.type == "cpu" else "default"
     payload = {"allocator": allocator, "copy_gbs": copy_gbs, "rows": rows, "targets": verdicts}
-    path = write_results("kernels" + ("-warm-allocator" if warm_allocator else ""), dev, payload, out)
+    path = write_results("kernels" + ("" if warm_allocator or dev.type != "cpu" else "-default-allocator"), dev, payload, out)
     missed = [v for v in verdicts if not v["met"]]
     for v in missed:
         console.print(f"[red]missed[/] {v['row']}: {v['metric']} = {v['value']:.2f} < {v['threshold']:g}")

@@ -24,8 +24,8 @@ def keep_freed_memory() -> bool:
     (no mmap for large blocks, no trimming). Otherwise, whether a freed activation buffer is
     unmapped and page-faulted back on the next call depends on heap history, and the eager
     reference's temporaries swing between e.g. 1 ms and 9 ms from run to run. With this, every
-    variant runs with a warm allocator, as PyTorch's caching allocator gives on CUDA. Off by
-    default: the default allocator is what eager PyTorch users get."""
+    variant runs with a warm allocator, as PyTorch's caching allocator gives on CUDA. The
+    benchmarks use it by default on the CPU; --default-allocator measures without it."""
     try:
         import ctypes
 
