@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -92,6 +93,45 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> frame_combine_backward(const at:
   return {dinputs, dcoeffs.to(coeffs.scalar_type())};
 }
 
+// (B,F,2) per-frame coefficients [sqrt_alpha_bar[t], sqrt_one_minus_alpha_bar[t]] in op-math
+// dtype, with t checked against the table length. A B*F lookup: on the CPU a plain loop (the
+// ATen route costs a dozen small ops, more than the lookup), elsewhere index_select.
+at::Tensor frame_coefficients(const at::Tensor& t, const at::Tensor& a, const at::Tensor& s, at::ScalarType opm) {
+  const int64_t T = a.size(0);
+  const int64_t B = t.size(0), F = t.size(1);
+  if (t.is_cpu()) {
+    auto coeffs = at::empty({B, F, 2}, t.options().dtype(opm));
+    auto tl = t.to(at::kLong).contiguous();
+    auto ad = a.to(at::kDouble).contiguous(), sd = s.to(at::kDouble).contiguous();
+    const int64_t* tp = tl.const_data_ptr<int64_t>();
+    const double* ap = ad.const_data_ptr<double>();
+    const double* sp = sd.const_data_ptr<double>();
+    int64_t tmin = 0, tmax = 0;
+    for (int64_t i = 0; i < B * F; ++i) {
+      tmin = i ? std::min(tmin, tp[i]) : tp[i];
+      tmax = i ? std::max(tmax, tp[i]) : tp[i];
+    }
+    TORCH_CHECK_VALUE(B * F == 0 || (tmin >= 0 && tmax < T), "fvdm: t must lie in [0, ", T - 1,
+                      "] (the table length), got values in [", tmin, ", ", tmax, "]");
+    AT_DISPATCH_FLOATING_TYPES(opm, "fvdm_frame_coefficients", [&] {
+      scalar_t* c = coeffs.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < B * F; ++i) {
+        c[2 * i] = static_cast<scalar_t>(ap[tp[i]]);
+        c[2 * i + 1] = static_cast<scalar_t>(sp[tp[i]]);
+      }
+    });
+    return coeffs;
+  }
+  if (t.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(t);
+    const int64_t tmin = lo.item<int64_t>(), tmax = hi.item<int64_t>();
+    TORCH_CHECK_VALUE(tmin >= 0 && tmax < T, "fvdm: t must lie in [0, ", T - 1, "] (the table length), got values in [",
+                      tmin, ", ", tmax, "]");
+  }
+  auto tl = t.to(at::kLong).reshape(-1);
+  return at::stack({a.to(opm).index_select(0, tl), s.to(opm).index_select(0, tl)}, -1).view({B, F, 2});
+}
+
 at::Tensor noise_inject(const at::Tensor& x0, const at::Tensor& noise, const at::Tensor& t,
                         const at::Tensor& sqrt_alpha_bar, const at::Tensor& sqrt_one_minus_alpha_bar) {
   check_supported_device(x0, "x0");
@@ -115,17 +155,7 @@ at::Tensor noise_inject(const at::Tensor& x0, const at::Tensor& noise, const at:
   const int64_t T = sqrt_alpha_bar.size(0);
   TORCH_CHECK_VALUE(sqrt_one_minus_alpha_bar.size(0) == T, "fvdm: sqrt_one_minus_alpha_bar has ",
                     sqrt_one_minus_alpha_bar.size(0), " entries but sqrt_alpha_bar has ", T);
-  if (t.numel() > 0) {
-    const auto [lo, hi] = at::aminmax(t);
-    const int64_t tmin = lo.item<int64_t>(), tmax = hi.item<int64_t>();
-    TORCH_CHECK_VALUE(tmin >= 0 && tmax < T, "fvdm: t must lie in [0, ", T - 1, "] (the table length), got values in [",
-                      tmin, ", ", tmax, "]");
-  }
-  // (B,F,2) per-frame coefficients: a B*F gather, then one fused pass over the activations.
-  auto opm = at::toOpMathType(x0.scalar_type());
-  auto tl = t.to(at::kLong).reshape(-1);
-  auto coeffs = at::stack({sqrt_alpha_bar.to(opm).index_select(0, tl), sqrt_one_minus_alpha_bar.to(opm).index_select(0, tl)}, -1)
-                    .view({x0.size(0), x0.size(1), 2});
+  auto coeffs = frame_coefficients(t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, at::toOpMathType(x0.scalar_type()));
   std::vector<at::Tensor> inputs{x0.contiguous(), noise.contiguous()};
   auto out = at::empty_like(inputs[0]);
   if (out.numel() == 0) return out;

@@ -122,13 +122,13 @@ def bench_kernels(
         task = bar.add_task("benchmarking", total=len(cases))
         for case in cases:
             bar.update(task, description=f"{case.op} {case.shape} {case.dtype} {case.mode}")
-            rows.append(kb.run_case(case, dev, compile_ref, min_seconds))
+            rows.append(kb.run_case(case, dev, compile_ref, min_seconds, copy_gbs))
             bar.advance(task)
     verdicts = kb.evaluate_targets(dev.type, rows)
 
     table = Table(title=f"fvdm kernels on {dev.type} ({torch.get_num_threads()} threads), median ms")
     for col in ["op", "shape", "dtype", "mode", "fused", "reference", "compiled", "vs ref", "vs compile",
-                "GB/s", "% copy", "targets met"]:
+                "GB/s", "% copy", "% same-size copy", "targets met"]:
         table.add_column(col, justify="left" if col in ("op", "shape", "dtype", "mode", "targets") else "right")
     for r in rows:
         ms = r["ms"]
@@ -137,7 +137,8 @@ def bench_kernels(
         table.add_row(r["op"], r["shape"], r["dtype"], r["mode"], f"{ms['fused']:.3f}", f"{ms['reference']:.3f}",
                       f"{ms['compiled']:.3f}" if "compiled" in ms else "-", _fmt_ratio(r.get("vs_reference")),
                       _fmt_ratio(r.get("vs_compiled")), f"{r['gbs']:.1f}" if "gbs" in r else "-",
-                      f"{r['pct_copy']:.0f}%" if "pct_copy" in r else "-", marks)
+                      f"{r['pct_copy']:.0f}%" if "pct_copy" in r else "-",
+                      f"{r['pct_copy_same_size']:.0f}%" if "pct_copy_same_size" in r else "-", marks)
     console.print(table)
     allocator = "warm (mallopt: keep freed memory)" if warm_allocator and dev.type == "cpu" else "default"
     payload = {"allocator": allocator, "copy_gbs": copy_gbs, "rows": rows, "targets": verdicts}

@@ -2,8 +2,10 @@
 // Python ValueError (shape, value, device) or TypeError (dtype); never a crash.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <initializer_list>
 #include <sstream>
 #include <string>
@@ -53,8 +55,20 @@ inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
                     " must be contiguous in its last dim (stride(-1) == 1), got strides ", shape_str(t.strides()));
 }
 
+// Small tables: on the CPU a direct loop (a few ATen calls would cost more than the scan);
+// elsewhere isfinite().all().
 inline void check_finite(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.isfinite().all().item<bool>(), "fvdm: ", name, " contains NaN or inf");
+  bool finite = true;
+  if (t.is_cpu()) {
+    auto c = t.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "fvdm_check_finite", [&] {
+      const scalar_t* p = c.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < c.numel() && finite; ++i) finite = std::isfinite(static_cast<double>(p[i]));
+    });
+  } else {
+    finite = t.isfinite().all().item<bool>();
+  }
+  TORCH_CHECK_VALUE(finite, "fvdm: ", name, " contains NaN or inf");
 }
 
 inline void check_supported_device(const at::Tensor& t, const char* name) {
