@@ -291,6 +291,23 @@ struct Buf {
   opmath_t* operator()() { return v.data(); }
 };
 
+// Visits the tokens [begin, end) of a chunk as (b, n), rebuilding the per-query key mask only
+// when b changes (it depends on b alone). body(b, n, prefetch, b_next, n_next) also gets the
+// chunk's next token, whose rows it may prefetch.
+template <typename opmath_t, typename Body>
+void for_each_token(const TemporalAttnFwdParams& p, int64_t begin, int64_t end, int64_t Fp, opmath_t* allow,
+                    std::vector<char>& any, const Body& body) {
+  int64_t mask_b = -1;
+  for (int64_t token = begin; token < end; ++token) {
+    const int64_t n = token % p.N, b = token / p.N;
+    if (b != mask_b) {
+      build_allow(p, b, Fp, allow, any);
+      mask_b = b;
+    }
+    body(b, n, token + 1 < end, (token + 1) / p.N, (token + 1) % p.N);
+  }
+}
+
 // Heads per group so that `floats_per_head` op-math values per head stay within ~1 MiB.
 inline int64_t heads_per_group(int64_t H, int64_t floats_per_head) {
   return std::clamp<int64_t>((int64_t(1) << 18) / std::max<int64_t>(floats_per_head, 1), 1, H);
@@ -318,15 +335,8 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
   at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
     Buf<opmath_t> q(HG * q_sz), k(HG * q_sz), kt(Dh * Fp), v(HG * v_sz), s(F * Fp), allow(F * Fp), o(F * Dhp), tmp(Dh);
     std::vector<char> any(F);
-    int64_t mask_b = -1;
-    for (int64_t token = begin; token < end; ++token) {
-      const int64_t n = token % N, b = token / N;
-      if (b != mask_b) {  // the mask depends on b only
-        build_allow(p, b, Fp, allow(), any);
-        mask_b = b;
-      }
-      const bool prefetch = token + 1 < end;
-      const int64_t n1 = (token + 1) % N, b1 = (token + 1) / N;
+    for_each_token(p, begin, end, Fp, allow(), any, [&](int64_t b, int64_t n, bool prefetch, int64_t b1, int64_t n1) {
+      const int64_t token = b * N + n;
       for (int64_t h0 = 0; h0 < H; h0 += HG) {
         const int64_t hn = std::min(HG, H - h0);
         for (int64_t f = 0; f < F; ++f)  // frame-major, heads innermost: sequential reads
@@ -349,7 +359,7 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
           for (int64_t i = 0; i < F; ++i) store_row(o() + i * Dhp, out + out_offset(b, i, n, h, F, N, H, Dh), Dh);
         }
       }
-    }
+    });
   });
 }
 
@@ -379,15 +389,8 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
     Buf<opmath_t> q(HG * row_sz), k(HG * row_sz), v(HG * row_sz), dout(HG * row_sz), kt(col_sz), vt(col_sz), dsum(HG * F),
         s(F * Fp), dp(F * Fp), allow(F * Fp), t(F * F), res(F * Dhp), tmp(Dh), tmp2(Dh);
     std::vector<char> any(F);
-    int64_t mask_b = -1;
-    for (int64_t token = begin; token < end; ++token) {
-      const int64_t n = token % N, b = token / N;
-      if (b != mask_b) {
-        build_allow(p, b, Fp, allow(), any);
-        mask_b = b;
-      }
-      const bool prefetch = token + 1 < end;
-      const int64_t n1 = (token + 1) % N, b1 = (token + 1) / N;
+    for_each_token(p, begin, end, Fp, allow(), any, [&](int64_t b, int64_t n, bool prefetch, int64_t b1, int64_t n1) {
+      const int64_t token = b * N + n;
       for (int64_t h0 = 0; h0 < H; h0 += HG) {
         const int64_t hn = std::min(HG, H - h0);
         for (int64_t f = 0; f < F; ++f)
@@ -442,7 +445,7 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
           for (int64_t i = 0; i < F; ++i) store_row(res() + i * Dhp, dq_out + out_offset(b, i, n, h, F, N, H, Dh), Dh);
         }
       }
-    }
+    });
   });
 }
 

@@ -130,14 +130,18 @@ class LabelEmbedder(nn.Module):
 # ----------------------------------------------------------------------------- attention
 
 
-class SpatialAttention(nn.Module):
-    """Self-attention among the N tokens of each frame: (B, F, N, D) seen as (B*F, N, D)."""
+class _Attention(nn.Module):
+    """qkv and output projections shared by the spatial and temporal attention layers."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+
+
+class SpatialAttention(_Attention):
+    """Self-attention among the N tokens of each frame: (B, F, N, D) seen as (B*F, N, D)."""
 
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
         B, Fr, N, D = x.shape
@@ -147,15 +151,9 @@ class SpatialAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, Fr, N, D))
 
 
-class TemporalAttention(nn.Module):
+class TemporalAttention(_Attention):
     """Self-attention along F for every (b, token, head). The fused op reads q, k, v in place
     from the (B, F, N, 3, H, Dh) projection and writes (B, F, N, H, Dh): no transposes."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
         B, Fr, N, D = x.shape
