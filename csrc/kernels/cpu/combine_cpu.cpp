@@ -3,6 +3,7 @@
 // and the output written once however many terms there are.
 #include <algorithm>
 #include <array>
+#include <type_traits>
 
 #include "convert.h"
 #include "cpu_utils.h"
@@ -14,33 +15,72 @@ namespace {
 
 constexpr int64_t kBlock = 512;
 
+// fp32/fp64: one loop straight from the inputs to the output (K known at compile time), the
+// way an inductor-generated kernel streams; no intermediate buffer.
+template <int K, typename T>
+inline void combine_direct(const FrameCombineFwdParams& p, const T* __restrict__ c, int64_t i0, int64_t len) {
+  const T* __restrict__ in[K];
+  T ck[K];
+  for (int k = 0; k < K; ++k) {
+    in[k] = static_cast<const T*>(p.inputs[k]) + i0;
+    ck[k] = c[k];
+  }
+  T* __restrict__ o = static_cast<T*>(p.out) + i0;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    T acc = ck[0] * in[0][i];
+#pragma GCC unroll 8
+    for (int k = 1; k < K; ++k) acc += ck[k] * in[k][i];
+    o[i] = acc;
+  }
+}
+
 template <typename scalar_t, typename opmath_t>
 void combine_fwd_impl(const FrameCombineFwdParams& p) {
   const auto* coeffs = static_cast<const opmath_t*>(p.coeffs);
   auto* out = static_cast<scalar_t*>(p.out);
   const int64_t inner = p.inner, K = p.K;
-  const int64_t blocks_per_frame = (inner + kBlock - 1) / kBlock;
-  at::parallel_for(0, p.BF * blocks_per_frame, 32, [&](int64_t begin, int64_t end) {
+  // Flat range over all elements, cut at frame boundaries (each frame has its own coefficients).
+  at::parallel_for(0, p.BF * inner, 4 * kBlock, [&](int64_t begin, int64_t end) {
     alignas(64) std::array<opmath_t, kBlock> acc;
     alignas(64) std::array<opmath_t, kBlock> in_buf;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bf = task / blocks_per_frame;
-      const int64_t i0 = bf * inner + (task % blocks_per_frame) * kBlock;
-      const int64_t len = std::min(kBlock, (bf + 1) * inner - i0);
+    for (int64_t i0 = begin; i0 < end;) {
+      const int64_t bf = i0 / inner;
+      const int64_t seg_end = std::min(end, (bf + 1) * inner);
       const opmath_t* c = coeffs + bf * K;
-      {
-        const opmath_t* __restrict__ in = load_row(static_cast<const scalar_t*>(p.inputs[0]) + i0, in_buf.data(), len);
-        const opmath_t c0 = c[0];
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) acc[i] = c0 * in[i];
+      if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+        const int64_t len = seg_end - i0;
+        switch (K) {
+          case 1: combine_direct<1>(p, c, i0, len); break;
+          case 2: combine_direct<2>(p, c, i0, len); break;
+          case 3: combine_direct<3>(p, c, i0, len); break;
+          case 4: combine_direct<4>(p, c, i0, len); break;
+          case 5: combine_direct<5>(p, c, i0, len); break;
+          case 6: combine_direct<6>(p, c, i0, len); break;
+          case 7: combine_direct<7>(p, c, i0, len); break;
+          default: combine_direct<kMaxCombineInputs>(p, c, i0, len); break;
+        }
+        i0 = seg_end;
+        continue;
       }
-      for (int64_t k = 1; k < K; ++k) {
-        const opmath_t* __restrict__ in = load_row(static_cast<const scalar_t*>(p.inputs[k]) + i0, in_buf.data(), len);
-        const opmath_t ck = c[k];
+      // bf16/fp16: blocks converted in bulk into op-math buffers.
+      for (; i0 < seg_end; i0 += kBlock) {
+        const int64_t len = std::min(kBlock, seg_end - i0);
+        {
+          const opmath_t* __restrict__ in = load_row(static_cast<const scalar_t*>(p.inputs[0]) + i0, in_buf.data(), len);
+          const opmath_t c0 = c[0];
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) acc[i] += ck * in[i];
+          for (int64_t i = 0; i < len; ++i) acc[i] = c0 * in[i];
+        }
+        for (int64_t k = 1; k < K; ++k) {
+          const opmath_t* __restrict__ in = load_row(static_cast<const scalar_t*>(p.inputs[k]) + i0, in_buf.data(), len);
+          const opmath_t ck = c[k];
+#pragma omp simd
+          for (int64_t i = 0; i < len; ++i) acc[i] += ck * in[i];
+        }
+        from_opmath(acc.data(), out + i0, len);
       }
-      from_opmath(acc.data(), out + i0, len);
+      i0 = seg_end;
     }
   });
 }
