@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -151,11 +152,22 @@ inline void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t ro
   transpose_scalar(src, lds, dst, ldd, rows, cols);
 }
 
-// Short row copies inline (a memcpy call per 64..128-value row costs as much as the copy).
+// Short row copies inline: a memcpy call per 64..128-value row costs as much as the copy, and
+// GCC turns a plain copy loop back into a memcpy call, hence the intrinsics.
 template <typename T>
 inline void copy_row(const T* __restrict__ src, T* __restrict__ dst, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_loadu_ps(src + i));
+    if (i < n) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+      _mm512_mask_storeu_ps(dst + i, m, _mm512_maskz_loadu_ps(m, src + i));
+    }
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n * sizeof(T));
 }
 
 // A row in op-math type to storage type, inline for fp32/fp64.
