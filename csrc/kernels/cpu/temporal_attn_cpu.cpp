@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -150,31 +149,6 @@ inline void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t ro
   }
 #endif
   transpose_scalar(src, lds, dst, ldd, rows, cols);
-}
-
-// Short row copies inline: a memcpy call per 64..128-value row costs as much as the copy, and
-// GCC turns a plain copy loop back into a memcpy call, hence the intrinsics.
-template <typename T>
-inline void copy_row(const T* __restrict__ src, T* __restrict__ dst, int64_t n) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_loadu_ps(src + i));
-    if (i < n) {
-      const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
-      _mm512_mask_storeu_ps(dst + i, m, _mm512_maskz_loadu_ps(m, src + i));
-    }
-    return;
-  }
-#endif
-  std::memcpy(dst, src, n * sizeof(T));
-}
-
-// A row in op-math type to storage type, inline for fp32/fp64.
-template <typename scalar_t, typename opmath_t>
-inline void store_row(const opmath_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, opmath_t>) copy_row(src, dst, n);
-  else from_opmath(src, dst, n);
 }
 
 template <typename scalar_t>
@@ -368,7 +342,7 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
           gemm(q() + g * q_sz, Dh, kt(), Fp, s(), Fp, F, Dh, Fp);                 // S = Q K^T
           softmax_rows(s(), allow(), any, F, Fp, scale, lse + (token * H + h) * F);  // P, normalised
           gemm(s(), Fp, v() + g * v_sz, Dhp, o(), Dhp, F, F, Dhp);                // O = P V
-          for (int64_t i = 0; i < F; ++i) store_row(o() + i * Dhp, out + out_offset(b, i, n, h, F, N, H, Dh), Dh);
+          for (int64_t i = 0; i < F; ++i) from_opmath(o() + i * Dhp, out + out_offset(b, i, n, h, F, N, H, Dh), Dh);
         }
       }
     });
@@ -449,12 +423,12 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
           }
           transpose(s(), Fp, t(), F, F, F);                                   // P^T
           gemm(t(), F, dout() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp);      // dV = P^T dO
-          for (int64_t j = 0; j < F; ++j) store_row(res() + j * Dhp, dv_out + out_offset(b, j, n, h, F, N, H, Dh), Dh);
+          for (int64_t j = 0; j < F; ++j) from_opmath(res() + j * Dhp, dv_out + out_offset(b, j, n, h, F, N, H, Dh), Dh);
           transpose(dp(), Fp, t(), F, F, F);                                  // dS^T
           gemm(t(), F, q() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp);         // dK = dS^T Q
-          for (int64_t j = 0; j < F; ++j) store_row(res() + j * Dhp, dk_out + out_offset(b, j, n, h, F, N, H, Dh), Dh);
+          for (int64_t j = 0; j < F; ++j) from_opmath(res() + j * Dhp, dk_out + out_offset(b, j, n, h, F, N, H, Dh), Dh);
           gemm(dp(), Fp, k() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp);       // dQ = dS K
-          for (int64_t i = 0; i < F; ++i) store_row(res() + i * Dhp, dq_out + out_offset(b, i, n, h, F, N, H, Dh), Dh);
+          for (int64_t i = 0; i < F; ++i) from_opmath(res() + i * Dhp, dq_out + out_offset(b, i, n, h, F, N, H, Dh), Dh);
         }
       }
     });
