@@ -38,7 +38,7 @@ bench: build
 $(CUDA_VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/pip install -q --upgrade pip setuptools wheel
-	$(CUDA_VENV)/bin/pip install -q "$(CUDA_TORCH_SPEC)" pybind11 ninja cmake numpy pytest hypothesis typer rich pyyaml
+	$(CUDA_VENV)/bin/pip install -q "$(CUDA_TORCH_SPEC)" pybind11 ninja cmake numpy pytest hypothesis typer rich pyyaml safetensors av pillow matplotlib diffusers scipy
 	touch $@
 
 # Compiles every .cu file against the CUDA build of torch (no GPU needed), then runs the test
