@@ -18,7 +18,7 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q pybind11 ninja cmake numpy pytest hypothesis typer rich pyyaml
+	$(PIP) install -q pybind11 ninja cmake numpy pytest hypothesis typer rich pyyaml safetensors av pillow matplotlib diffusers scipy
 	touch $@
 
 # Incremental: CMake + ninja keep their state in build/.
