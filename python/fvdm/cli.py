@@ -1,4 +1,4 @@
-"""Command line: `python -m fvdm info | bench ...`."""
+"""Command line: `python -m fvdm train | sample | eval | bench | info`."""
 
 from __future__ import annotations
 
@@ -17,14 +17,17 @@ app = typer.Typer(help="fvdm: Frame-Aware Video Diffusion with per-frame timeste
                   pretty_exceptions_enable=False, add_completion=False)
 bench_app = typer.Typer(help="Benchmarks: fused kernels vs eager reference vs torch.compile.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+eval_app = typer.Typer(help="Evaluate trained runs.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 # Wide tables stay readable when output goes to a file or CI log.
 console = Console(width=None if Console().is_terminal else 160)
 
 
 def fail(message: str) -> None:
-    """A one-line error and a non-zero exit code, no traceback."""
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code=2)
+    """A one-line error and a non-zero exit code, no traceback (main() prints it)."""
+    from fvdm.errors import UserError
+
+    raise UserError(message)
 
 
 def progress() -> Progress:
@@ -201,8 +204,191 @@ def bench_model(
     console.print(f"results written to {path}")
 
 
+# ----------------------------------------------------------------------------- train / sample / eval
+
+OverridesArg = Annotated[list[str] | None, typer.Argument(
+    help="config overrides section.key=value, e.g. train.steps=200 model.size=T/2 data.kind=videos", show_default=False)]
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def train(
+    overrides: OverridesArg = None,
+    config: Annotated[str, typer.Option("--config", "-c", help="YAML file or shipped config name: "
+                                        "demo_cpu, ffs, sky, ucf101, taichi")] = "demo_cpu",
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<config name>)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its latest good checkpoint")] = False,
+    checkpoint: Annotated[Path | None, typer.Option("--from-checkpoint", help="resume from this checkpoint directory")] = None,
+    sample_after: Annotated[bool, typer.Option("--sample-after/--no-sample-after",
+                                               help="after training, sample every task into <out>/samples")] = False,
+    show_progress: Annotated[bool, typer.Option("--progress/--no-progress", help="rich progress bar")] = True,
+) -> None:
+    """Train a per-frame-timestep video DiT (PTSS) on the configured data.
+
+    Writes <out>/config.yaml, metrics.jsonl, loss.png, samples/step_*.png and checkpoints/step_*/
+    (safetensors weights + optimizer/RNG state, written atomically). SIGINT/SIGTERM save a
+    checkpoint and stop; --resume continues exactly where the run stopped. Multi-process:
+    torchrun --nproc-per-node N -m fvdm train ..."""
+    from fvdm.config import load_config
+    from fvdm.train.trainer import train as run_training
+
+    cfg = load_config(config, overrides or [])
+    run_dir = out or Path("runs") / cfg.name
+    result = run_training(cfg, run_dir, resume=checkpoint or (True if resume else None), progress=show_progress)
+    if result.interrupted:
+        console.print(f"stopped by {result.interrupted} at step {result.step}; checkpoint {result.checkpoint}")
+        raise typer.Exit(code=130 if result.interrupted == "SIGINT" else 143)
+    console.print(f"trained to step {result.step}: checkpoint [bold]{result.checkpoint}[/], "
+                  f"loss curve {run_dir / 'loss.png'}, samples {run_dir / 'samples'}")
+    if sample_after:
+        sample(task="all", run=run_dir)
+
+
+TASK_CHOICES = ("unconditional", "i2v", "interpolate", "extend", "long", "rolling", "all")
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def sample(
+    task: Annotated[str, typer.Argument(help="unconditional | i2v | interpolate | extend | long | rolling | all")] = "all",
+    run: Annotated[Path, typer.Option(help="run directory (or a checkpoint directory)")] = Path("runs/demo_cpu"),
+    ckpt: Annotated[Path | None, typer.Option(help="checkpoint directory (default: the run's latest good one)")] = None,
+    image: Annotated[Path | None, typer.Option(help="i2v: the first frame (image file of the training size)")] = None,
+    video: Annotated[Path | None, typer.Option(help="extend / interpolate: a video file or folder of frames")] = None,
+    keyframes: Annotated[str | None, typer.Option(help="interpolate: comma list of frame indices held from --video "
+                                                        "(default: first and last)")] = None,
+    frames: Annotated[int | None, typer.Option(help="extend / long: total frames of the result")] = None,
+    num: Annotated[int | None, typer.Option("--num", "-n", help="videos per task (default sample.num_videos)")] = None,
+    steps: Annotated[int | None, typer.Option(help="sampler steps (default sample.steps)")] = None,
+    method: Annotated[str | None, typer.Option(help="ddpm | ddim | euler (default: ddim, or euler for flow)")] = None,
+    eta: Annotated[float | None, typer.Option(help="DDIM eta (0: deterministic)")] = None,
+    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (class-conditional models)")] = None,
+    label: Annotated[int | None, typer.Option(help="class id (class-conditional models)")] = None,
+    lag: Annotated[int, typer.Option(help="rolling: steps between consecutive frames' starts")] = 1,
+    seed: Annotated[int | None, typer.Option(help="sampling seed (default sample.seed)")] = None,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="sample the EMA weights")] = True,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="output folder (default <run>/samples/<task>)")] = None,
+    show_progress: Annotated[bool, typer.Option("--progress/--no-progress", help="rich progress bar")] = True,
+) -> None:
+    """Generate videos with a trained run, zero-shot: unconditional, image-to-video,
+    interpolation / keyframes, extension, long video (sliding window) and rolling diagonal.
+
+    Writes per task: video_<i>.mp4 and .gif, contact_sheet.png (given frames outlined) and
+    schedule.png (the per-frame schedule matrix). Without --image / --video the conditioning
+    frames come from held-out clips of the run's data (seed data.seed + 1)."""
+    from fvdm.generate import TASKS, generate
+    from fvdm.progress import progress_bar
+    from fvdm.runs import data_condition, image_condition, load_run, video_condition, write_outputs
+
+    if task not in TASK_CHOICES:
+        fail(f"unknown task {task!r}; choose one of {', '.join(TASK_CHOICES)}")
+    for name, value in (("--num", num), ("--steps", steps), ("--frames", frames), ("--lag", lag)):
+        if value is not None and value < 1:
+            fail(f"{name} must be >= 1, got {value}")
+    idx = None
+    if keyframes is not None:
+        try:
+            idx = [int(v) for v in keyframes.split(",") if v.strip()]
+        except ValueError:
+            fail(f"--keyframes must be a comma list of frame indices like 0,7,15; got {keyframes!r}")
+    loaded = load_run(run, ckpt, use_ema=ema, device=device)
+    cfg, model = loaded.cfg, loaded.model
+    Fw = model.config.num_frames
+    tasks = list(TASKS) if task == "all" else [task]
+    base = out or Path(run) / "samples"
+    console.print(f"sampling {', '.join(tasks)} with {loaded.checkpoint} (step {loaded.step}, "
+                  f"{'EMA' if ema else 'raw'} weights)")
+    for name in tasks:
+        cond = None
+        if name == "i2v":
+            cond = image_condition(image, cfg) if image else data_condition(cfg, 1)
+        elif name == "interpolate":
+            cond = video_condition(video, cfg, Fw) if video else data_condition(cfg, Fw)
+            if idx is not None and cond.shape[1] < Fw and max(idx) >= cond.shape[1]:
+                fail(f"--keyframes {max(idx)} is beyond the {cond.shape[1]} frames of {video}")
+        elif name == "extend":
+            cond = video_condition(video, cfg) if video else data_condition(cfg, Fw // 2)
+        with progress_bar(f"sample {name}", console=console, disable=not show_progress) as bar:
+            bar_task = bar.add_task(name, total=None)
+            result = generate(
+                model, cfg, name, num_videos=num or cfg.sample.num_videos, steps=steps, method=method, eta=eta,
+                seed=cfg.sample.seed if seed is None else seed, device=next(model.parameters()).device,
+                condition=cond, keyframe_indices=idx, total_frames=frames, lag=lag,
+                labels=None if label is None else torch.tensor([label]), guidance_scale=guidance,
+                codec=loaded.codec, callback=lambda done, total: bar.update(bar_task, completed=done, total=total),
+            )
+        task_dir = (base / name) if (task == "all" or out is None) else base
+        written = write_outputs(task_dir, result, fps=cfg.sample.fps)
+        console.print(f"[bold]{name}[/]: {result.video.shape[0]} videos of {result.video.shape[1]} frames -> "
+                      f"{task_dir}/ (contact_sheet.png, schedule.png, {len(written['videos'])} mp4/gif)")
+
+
+@eval_app.command("loss")
+def eval_loss(
+    run: Annotated[Path, typer.Option(help="run directory (or a checkpoint directory)")] = Path("runs/demo_cpu"),
+    ckpt: Annotated[Path | None, typer.Option(help="checkpoint directory (default: the run's latest good one)")] = None,
+    clips: Annotated[int, typer.Option(min=1, help="held-out clips")] = 32,
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="evaluate the EMA weights")] = True,
+    seed: Annotated[int, typer.Option(help="seed of the noise and timesteps (same for every checkpoint)")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Held-out diffusion loss per noise level (clips from data seed + 1), written to <run>/eval/loss.json."""
+    import json
+
+    from fvdm.eval.loss import held_out_loss
+    from fvdm.runs import load_run
+
+    loaded = load_run(run, ckpt, use_ema=ema, device=device)
+    rows = held_out_loss(loaded.model, loaded.cfg, num_clips=clips, seed=seed,
+                         device=next(loaded.model.parameters()).device)
+    table = Table(title=f"held-out loss, {loaded.checkpoint} (step {loaded.step})")
+    table.add_column("noise level")
+    table.add_column(f"{loaded.cfg.diffusion.objective} MSE", justify="right")
+    for name, value in rows.items():
+        table.add_row(name, f"{value:.5f}")
+    console.print(table)
+    out = Path(run) / "eval" / "loss.json"
+    from fvdm import media
+
+    media.write_json(out, {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": ema, "seed": seed,
+                           "clips": clips, "loss": rows})
+    console.print(f"written to {out}")
+
+
 def main() -> None:
-    app()
+    """Entry point: user errors (bad file, bad option, corrupt checkpoint) become one line on
+    stderr and exit status 2, never a traceback."""
+    import sys
+
+    try:  # typer >= 0.20 vendors click
+        from typer._click import exceptions as cx
+    except ImportError:  # pragma: no cover
+        from click import exceptions as cx
+
+    from fvdm.errors import UserError
+
+    err = Console(stderr=True)
+    try:
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except UserError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err.print("[bold red]aborted[/]")
+        sys.exit(130)
+    except cx.NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(0)
+    except cx.ClickException as e:
+        err.print(f"[bold red]error:[/] {e.format_message()}  (see --help)", highlight=False)
+        sys.exit(e.exit_code)
+    except OSError as e:
+        if e.filename is None:
+            raise
+        err.print(f"[bold red]error:[/] {e.filename}: {e.strerror}", highlight=False)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""Objects a run is made of, built from its Config: device, schedule, model, dataset.
+
+train, sample and eval all build through here, so a checkpoint always meets the model its
+config describes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fvdm.config import Config
+from fvdm.diffusion import Schedule, make_schedule
+from fvdm.errors import UserError
+from fvdm.models import Latte, latte_config
+
+VAE_DOWNSAMPLE = 8  # Stable Diffusion's AutoencoderKL: 8x smaller latents with 4 channels
+VAE_CHANNELS = 4
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"train.device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} was asked for but torch sees no CUDA device; use device=cpu")
+    return device
+
+
+def build_schedule(cfg: Config) -> Schedule:
+    return make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+
+
+def num_timesteps_for_training(cfg: Config) -> int | None:
+    """What sample_timesteps draws: integer DDPM steps, or None for continuous flow times."""
+    return None if cfg.diffusion.schedule == "flow" else cfg.diffusion.num_timesteps
+
+
+def model_input_shape(cfg: Config) -> tuple[int, int, int]:
+    """(frames, channels, size) the model sees: pixels, or VAE latents when data.vae is set."""
+    d = cfg.data
+    if d.vae:
+        if d.size % VAE_DOWNSAMPLE:
+            raise UserError(f"data.size {d.size} must be divisible by {VAE_DOWNSAMPLE} to train on VAE latents")
+        return d.num_frames, VAE_CHANNELS, d.size // VAE_DOWNSAMPLE
+    return d.num_frames, d.channels, d.size
+
+
+def build_model(cfg: Config, backend: str | None = None) -> Latte:
+    m = cfg.model
+    frames, channels, size = model_input_shape(cfg)
+    overrides = {k: getattr(m, k) for k in ("patch_size", "hidden_size", "depth", "num_heads") if getattr(m, k) is not None}
+    try:
+        lc = latte_config(
+            m.size, input_size=size, in_channels=channels, num_frames=frames, mlp_ratio=m.mlp_ratio,
+            num_classes=m.num_classes, class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
+            learned_pos_embed=m.learned_pos_embed, grad_checkpointing=m.grad_checkpointing, **overrides,
+        )
+        lc.validate()
+    except ValueError as e:
+        raise UserError(f"model config: {e}") from None
+    return Latte(lc, backend=backend or m.backend)
+
+
+def build_dataset(cfg: Config, run_dir: Path | None = None, device: torch.device | None = None):
+    """The training clips, (F, C, H, W) in [-1, 1] per item, or their cached VAE latents."""
+    from fvdm import data  # PyAV etc. only when data is needed
+
+    d = cfg.data
+    kwargs = dict(num_frames=d.num_frames, seed=d.seed)
+    if d.kind == "sprites":
+        kwargs.update(num_videos=d.num_videos, size=d.size, channels=d.channels, **d.sprites)
+    else:
+        if d.sprites:
+            raise UserError("data.sprites options apply only to data.kind=sprites")
+        kwargs.update(root=d.root, frame_stride=d.frame_stride, size=d.size)
+    dataset = data.build_dataset(d.kind, **kwargs)
+    if d.vae:
+        vae = data.load_vae(d.vae, device=device or "cpu")
+        cache = Path(d.latent_cache) if d.latent_cache else (run_dir or Path(".")) / "latents"
+        dataset = data.LatentCache(dataset, vae, cache)
+    return dataset

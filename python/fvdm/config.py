@@ -1,0 +1,341 @@
+"""Run configuration: typed dataclasses, read from YAML, any key overridable as `section.key=value`.
+
+A config is five sections (model, data, diffusion, train, sample) of plain typed fields. YAML
+files may give any subset; what they leave out keeps the defaults below. An unknown key, a
+value of the wrong type or an out-of-range value is a UserError naming the key, so a typo never
+trains the wrong model silently.
+
+    cfg = load_config("demo_cpu", ["train.steps=200", "model.size=T/2"])
+
+A name without a path resolves to a file shipped in fvdm/configs/ (`fvdm train --config sky`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fvdm.errors import UserError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    size: str = "mini/2"  # a Latte preset: S/2 B/2 L/2 XL/2 (paper), mini/2 T/2 (CPU)
+    # Overrides of the preset (None keeps it). input_size / in_channels follow the data.
+    patch_size: int | None = None
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    num_classes: int = 0  # > 0: class-conditional (UCF101: 101), labels from the data
+    class_dropout_prob: float = 0.1  # label -> null during training, for classifier-free guidance
+    learn_sigma: bool = False  # the official recipe learns the variance (DDPM only)
+    learned_pos_embed: bool = True
+    grad_checkpointing: bool = False
+    backend: str = "auto"  # fused | reference | auto (fused kernels when built)
+
+
+@dataclass
+class DataConfig:
+    kind: str = "sprites"  # sprites (built-in, no download) | videos (folder of files) | frames
+    root: str | None = None  # folder for videos / frames
+    num_frames: int = 16
+    frame_stride: int = 1
+    size: int = 32  # frame height = width in pixels
+    channels: int = 3
+    num_videos: int = 10000  # sprites: length of the dataset
+    seed: int = 0  # sprites content / random clip starts
+    sprites: dict[str, Any] = field(default_factory=dict)  # extra MovingSprites options
+    vae: str | None = None  # local diffusers AutoencoderKL folder: train on its latents
+    latent_cache: str | None = None  # folder for cached latents (default: <run>/latents)
+    num_workers: int = 0
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"  # linear | cosine (DDPM, T steps) | flow (rectified flow)
+    num_timesteps: int = 1000
+    objective: str = "eps"  # eps | v | x0 | flow
+    ptss_p: float = 0.2  # probability of independent per-frame timesteps (0: scalar baseline)
+    ptss_mode: str = "batch"  # batch: one coin per global batch (reference) | sample: per clip
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # global batch; split evenly over processes
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (after warmup, to lr_min)
+    lr_min: float = 0.0
+    grad_clip: float | None = None  # max global grad norm; None: off
+    grad_clip_after: int = 0  # clip only from this step on (the reference switches it on late)
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)): useful on short runs
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    seed: int = 3407
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 0  # write a sample grid every N steps (0: only at the end)
+    sample_videos: int = 4
+    sample_steps: int = 25
+
+
+@dataclass
+class SampleConfig:
+    method: str | None = None  # ddpm | ddim | euler; None: ddim for DDPM schedules, euler for flow
+    steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    num_videos: int = 4
+    use_ema: bool = True
+    fps: int = 8
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    def validate(self) -> Config:
+        _check_choice("data.kind", self.data.kind, ("sprites", "videos", "frames"))
+        _check_choice("diffusion.schedule", self.diffusion.schedule, ("linear", "cosine", "flow"))
+        _check_choice("diffusion.objective", self.diffusion.objective, ("eps", "v", "x0", "flow"))
+        _check_choice("diffusion.ptss_mode", self.diffusion.ptss_mode, ("batch", "sample"))
+        _check_choice("train.lr_schedule", self.train.lr_schedule, ("constant", "cosine"))
+        _check_choice("train.precision", self.train.precision, ("fp32", "bf16"))
+        _check_choice("model.backend", self.model.backend, ("fused", "reference", "auto"))
+        if self.sample.method is not None:
+            _check_choice("sample.method", self.sample.method, ("ddpm", "ddim", "euler"))
+        flow = self.diffusion.schedule == "flow"
+        if flow != (self.diffusion.objective == "flow"):
+            raise UserError("diffusion.objective 'flow' goes with diffusion.schedule 'flow' and only with it "
+                            f"(got schedule={self.diffusion.schedule!r}, objective={self.diffusion.objective!r})")
+        if flow and self.model.learn_sigma:
+            raise UserError("model.learn_sigma needs a DDPM schedule (linear or cosine), not flow")
+        if self.data.kind != "sprites" and not self.data.root:
+            raise UserError(f"data.root is required for data.kind={self.data.kind!r}: the folder of your videos")
+        _check_range("diffusion.ptss_p", self.diffusion.ptss_p, 0.0, 1.0)
+        _check_range("train.ema_decay", self.train.ema_decay, 0.0, 1.0)
+        _check_range("model.class_dropout_prob", self.model.class_dropout_prob, 0.0, 1.0)
+        for key in ("train.steps", "train.batch_size", "train.log_every", "train.ckpt_every", "data.num_frames",
+                    "data.frame_stride", "data.size", "data.channels", "data.num_videos", "sample.steps",
+                    "sample.num_videos", "sample.fps", "train.sample_videos", "train.sample_steps",
+                    "diffusion.num_timesteps"):
+            if self.get(key) < 1:
+                raise UserError(f"{key} must be >= 1, got {self.get(key)}")
+        for key in ("train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip_after",
+                    "train.sample_every", "train.keep_checkpoints", "data.num_workers", "sample.eta"):
+            if self.get(key) < 0:
+                raise UserError(f"{key} must be >= 0, got {self.get(key)}")
+        if self.train.grad_clip is not None and self.train.grad_clip <= 0:
+            raise UserError(f"train.grad_clip must be > 0 or null, got {self.train.grad_clip}")
+        return self
+
+    def get(self, key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(self, section), name)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a shipped config (demo_cpu, ffs, sky, ucf101, taichi)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise UserError(f"config file {p} does not exist")
+        return p
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise UserError(f"no config {str(name_or_path)!r}: give a YAML path or one of {shipped_configs()}")
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file (if given) <- `section.key=value` overrides, then validated."""
+    data: dict[str, Any] = {}
+    if name_or_path is not None:
+        path = config_path(name_or_path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read config {path}: {_first_line(e)}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    cfg = from_dict(data)
+    apply_overrides(cfg, overrides)
+    return cfg.validate()
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    for section, values in data.items():
+        if section == "name":
+            cfg.name = str(values)
+            continue
+        target = _section(cfg, section)
+        if not isinstance(values, dict):
+            raise UserError(f"config section {section!r} must be a mapping, got {values!r}")
+        for key, value in values.items():
+            _set(target, f"{section}.{key}", key, value)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Each override is `section.key=value`; the value is parsed as YAML (3e-4, true, null, [1, 2])."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} must look like section.key=value, e.g. train.steps=100")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key == "name":
+            cfg.name = raw
+            continue
+        if key.count(".") != 1:
+            raise UserError(f"override key {key!r} must be section.key, e.g. train.lr; sections: {_sections()}")
+        section, name = key.split(".")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set(_section(cfg, section), key, name, value)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- typed assignment
+
+
+def _sections() -> list[str]:
+    return [f.name for f in fields(Config) if f.name != "name"]
+
+
+def _section(cfg: Config, section: str) -> Any:
+    if section not in _sections():
+        raise UserError(f"unknown config section {section!r}{_did_you_mean(section, _sections())}; "
+                        f"sections: {_sections()}")
+    return getattr(cfg, section)
+
+
+def _set(target: Any, key: str, name: str, value: Any) -> None:
+    hints = typing.get_type_hints(type(target))
+    if name not in hints:
+        names = [f.name for f in fields(target)]
+        raise UserError(f"unknown config key {key!r}{_did_you_mean(name, names)}; "
+                        f"{key.split('.')[0]} has: {', '.join(names)}")
+    setattr(target, name, _coerce(key, value, hints[name]))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except UserError as e:
+                errors.append(e)
+        raise errors[0]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    raise UserError(f"config key {key!r} expects {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        return f"a list of {len(typing.get_args(tp))} values"
+    if typing.get_origin(tp) is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_range(key: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise UserError(f"{key} must lie in [{lo}, {hi}], got {value}")
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+__all__ = [
+    "Config", "ModelConfig", "DataConfig", "DiffusionConfig", "TrainConfig", "SampleConfig",
+    "load_config", "from_dict", "apply_overrides", "save_config", "config_path", "shipped_configs",
+    "CONFIG_DIR",
+]

@@ -1,0 +1,338 @@
+"""The training loop: PTSS timesteps, AdamW, warmup, clipping, EMA, bf16, DDP, exact resume.
+
+Every random draw of a step (timesteps, noise, label dropout) comes from a generator seeded by
+(seed, step) and is drawn for the *global* batch, of which each process takes its slice; the
+clips of a step are a pure function of (data seed, step) too. So:
+- a resumed run repeats exactly what the uninterrupted run would have done (the step number is
+  the whole data position);
+- N processes with global batch B compute the same step as one process with batch B (up to
+  the order of the gradient all-reduce).
+
+Run directory: config.yaml, metrics.jsonl, loss.png, samples/step_*.png, checkpoints/step_*/.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from fvdm import media
+from fvdm.build import build_dataset, build_model, build_schedule, num_timesteps_for_training, resolve_device
+from fvdm.config import Config, from_dict, save_config
+from fvdm.diffusion import diffusion_loss, sample_timesteps
+from fvdm.errors import UserError
+from fvdm.train import distributed as D
+from fvdm.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from fvdm.train.ema import EMA
+from fvdm.train.rng import capture_rng
+
+STEP_SEED_STRIDE = 1_000_003  # (seed, step) -> one generator seed; a prime keeps runs apart
+# Tests slow the loop down with this so that a signal lands mid-run; never set otherwise.
+_TEST_STEP_DELAY = float(os.environ.get("FVDM_TEST_STEP_DELAY", "0"))
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup to train.lr, then constant or cosine decay to train.lr_min."""
+    tc = cfg.train
+    if tc.warmup_steps and step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    if tc.lr_schedule == "constant":
+        return tc.lr
+    span = max(1, tc.steps - tc.warmup_steps)
+    progress = min(1.0, (step - tc.warmup_steps) / span)
+    return tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1 + math.cos(math.pi * progress))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * STEP_SEED_STRIDE + step)
+
+
+class ClipOrder:
+    """Which dataset items step s uses: epoch e is a permutation seeded by (seed, e); global
+    sample k = s * B + j is item perm_e[k mod len] with e = k // len. Stateless in s."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed = length, seed
+        self._epoch, self._perm = -1, None
+
+    def indices(self, step: int, batch: int, start: int, stop: int) -> list[int]:
+        out = []
+        for j in range(start, stop):
+            k = step * batch + j
+            epoch = k // self.length
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed * STEP_SEED_STRIDE + epoch)
+                self._epoch, self._perm = epoch, torch.randperm(self.length, generator=g)
+            out.append(int(self._perm[k % self.length]))
+        return out
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    interrupted: str | None = None  # name of the signal that stopped the run early
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: str | Path | bool | None = None,
+                 progress: bool = True, console=None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.console = console
+        device = resolve_device(cfg.train.device)
+        self.world = D.init_world(device)
+        self.device = D.local_device(device, self.world)
+        tc = cfg.train
+        if tc.batch_size % self.world.size:
+            raise UserError(f"train.batch_size {tc.batch_size} must be divisible by the number of processes "
+                            f"({self.world.size})")
+        self.local_batch = tc.batch_size // self.world.size
+
+        self.ckpt_to_load = self._prepare_run_dir(resume)
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank and every run
+        self.model = build_model(cfg).to(self.device)
+        if self.model.y_embedder is not None:
+            self.model.y_embedder.dropout_prob = 0.0  # drawn here per global batch instead
+        self.schedule = build_schedule(cfg).to(self.device)
+        self.ema = EMA(self.model, tc.ema_decay, tc.ema_warmup)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=tc.betas,
+                                     weight_decay=tc.weight_decay)
+        self.dataset = build_dataset(cfg, self.run_dir, self.device)
+        if len(self.dataset) == 0:
+            raise UserError("the dataset is empty")
+        self.order = ClipOrder(len(self.dataset), cfg.data.seed)
+        self.step = 0
+        if self.ckpt_to_load is not None:
+            self._load(self.ckpt_to_load)
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                            else None) if self.world.distributed else self.model)
+        self._stop_signal: str | None = None
+
+    # ------------------------------------------------------------------ run directory
+
+    def _prepare_run_dir(self, resume) -> Path | None:
+        """Refuse to mix a new run into an old one; find the checkpoint to resume from."""
+        ckpt_dir = self.run_dir / "checkpoints"
+        cfg_file = self.run_dir / "config.yaml"
+        if resume in (None, False):
+            if ckpt_dir.is_dir() and any(ckpt_dir.glob("step_*")):
+                raise UserError(f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
+                                "or choose another --out")
+            target = None
+        elif resume is True:  # the latest good checkpoint of this run dir, if any
+            target = find_latest(self.run_dir)
+        else:
+            target = Path(resume)
+            if not target.exists():
+                raise UserError(f"--resume {target}: no such checkpoint or run directory")
+        if target is not None and cfg_file.is_file():
+            self._check_same_model(cfg_file)
+        if self.world.is_main:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                save_config(self.cfg, cfg_file)
+            except OSError as e:
+                raise UserError(f"cannot write the run directory {self.run_dir}: {e.strerror or e}") from None
+        D.barrier(self.world)
+        return target
+
+    def _check_same_model(self, cfg_file: Path) -> None:
+        import yaml
+
+        old = from_dict(yaml.safe_load(cfg_file.read_text()) or {})
+        if old.model != self.cfg.model or old.data.vae != self.cfg.data.vae:
+            raise UserError(f"--resume: the model in {cfg_file} differs from the one configured now; "
+                            "resume with the run's own config (its model section must not change)")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _load(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location="cpu")
+        try:
+            self.model.load_state_dict(ckpt.model)
+            self.ema.load_state_dict(ckpt.ema if ckpt.ema is not None else ckpt.model)
+            self.opt.load_state_dict(ckpt.state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UserError(f"checkpoint {ckpt.path} does not fit this model/optimizer: {str(e).splitlines()[0]}") from None
+        self.step = int(ckpt.state["step"])
+        self._log(f"resumed from {ckpt.path} at step {self.step}")
+
+    def save(self) -> Path | None:
+        path = None
+        if self.world.is_main:
+            state = {"optimizer": self.opt.state_dict(), "step": self.step, "rng": capture_rng(),
+                     "data": {"seed": self.cfg.data.seed, "samples_seen": self.step * self.cfg.train.batch_size},
+                     "world_size": self.world.size}
+            path = save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self.ema.state_dict(), state,
+                                   config=self.cfg.to_dict(), keep=self.cfg.train.keep_checkpoints or None)
+        D.barrier(self.world)
+        return path
+
+    # ------------------------------------------------------------------ one step
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This process's clips of global step `step`: x0 (b, F, C, H, W) and labels or None."""
+        lo = self.world.rank * self.local_batch
+        items = [self.dataset[i] for i in self.order.indices(step, self.cfg.train.batch_size, lo, lo + self.local_batch)]
+        if isinstance(items[0], (tuple, list)):
+            x0 = torch.stack([it[0] for it in items])
+            y = torch.as_tensor([int(it[1]) for it in items])
+        else:
+            x0, y = torch.stack(items), None
+        if self.cfg.model.num_classes and y is None:
+            raise UserError("model.num_classes > 0 needs a labelled dataset (class per video)")
+        return x0, y
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg, tc = self.cfg, self.cfg.train
+        x0, y = self.batch(step)
+        B, lo, hi = tc.batch_size, self.world.rank * self.local_batch, (self.world.rank + 1) * self.local_batch
+        g = step_generator(tc.seed, step)
+        t = sample_timesteps(B, x0.shape[1], cfg.diffusion.ptss_p, num_timesteps=num_timesteps_for_training(cfg),
+                             mode=cfg.diffusion.ptss_mode, generator=g)[lo:hi]
+        noise = torch.randn((B, *x0.shape[1:]), generator=g, dtype=x0.dtype)[lo:hi]
+        drop = torch.rand(B, generator=g)[lo:hi] < cfg.model.class_dropout_prob
+        x0, t, noise = x0.to(self.device), t.to(self.device), noise.to(self.device)
+        if y is not None:
+            y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y).to(self.device)
+
+        lr = lr_at(step, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if tc.precision == "bf16"
+                    else nullcontext())
+        with autocast:
+            out = diffusion_loss(lambda x, tt: self.ddp(x, tt, y), self.schedule, x0, t,
+                                 objective=cfg.diffusion.objective, noise=noise,
+                                 learn_sigma=cfg.model.learn_sigma, backend=self.model.backend)
+        loss = out.loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower train.lr or set train.grad_clip")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = tc.grad_clip if tc.grad_clip is not None and step >= tc.grad_clip_after else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.opt.step()
+        self.ema.update(self.model, step)
+        return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "lr": lr}
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> TrainResult:
+        tc = self.cfg.train
+        metrics_path = self.run_dir / "metrics.jsonl"
+        last_ckpt = None
+        handlers = self._install_signal_handlers()
+        try:
+            with self._progress_bar() as bar:
+                task = bar.add_task("train", total=tc.steps, completed=self.step, loss=float("nan"))
+                window_t0, window_steps = time.perf_counter(), 0
+                while self.step < tc.steps:
+                    self.model.train()
+                    stats = self.train_step(self.step)
+                    if _TEST_STEP_DELAY:
+                        time.sleep(_TEST_STEP_DELAY)
+                    self.step += 1
+                    window_steps += 1
+                    if self.step % tc.log_every == 0 or self.step == tc.steps:
+                        stats = D.mean_over_ranks(stats, self.world)
+                        elapsed = time.perf_counter() - window_t0
+                        record = {"step": self.step, "loss": float(stats["loss"]), "grad_norm": float(stats["grad_norm"]),
+                                  "lr": stats["lr"], "it_per_s": window_steps / max(elapsed, 1e-9), "time": time.time()}
+                        window_t0, window_steps = time.perf_counter(), 0
+                        if self.world.is_main:
+                            media.append_jsonl(metrics_path, record)
+                        bar.update(task, loss=record["loss"])
+                    bar.update(task, completed=self.step)
+                    stop = D.any_flag(self._stop_signal is not None, self.world, self.device)
+                    if self.step % tc.ckpt_every == 0 or self.step == tc.steps or stop:
+                        last_ckpt = self.save()
+                        self._write_plots(metrics_path)
+                    if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
+                        self.preview()
+                    if stop:
+                        self._log(f"{self._stop_signal or 'signal'}: saved {last_ckpt} at step {self.step}; "
+                                  f"continue with --resume")
+                        return TrainResult(self.run_dir, self.step, last_ckpt, self._stop_signal or "signal")
+            if last_ckpt is None:  # resumed a finished run: nothing to do
+                last_ckpt = find_latest(self.run_dir)
+            self.preview()
+            return TrainResult(self.run_dir, self.step, last_ckpt)
+        finally:
+            self._restore_signal_handlers(handlers)
+
+    def preview(self) -> Path | None:
+        """A grid of EMA samples (rows: videos, columns: frames) in samples/step_*.png."""
+        if not self.world.is_main:
+            D.barrier(self.world)
+            return None
+        from fvdm.generate import generate
+
+        tc = self.cfg.train
+        videos = generate(self.ema.model, self.cfg, "unconditional", num_videos=tc.sample_videos,
+                          steps=tc.sample_steps, seed=tc.seed, device=self.device)
+        path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
+        media.save_contact_sheet(path, videos.video, held=videos.held)
+        D.barrier(self.world)
+        return path
+
+    def _write_plots(self, metrics_path: Path) -> None:
+        if self.world.is_main and metrics_path.exists():
+            records = media.read_jsonl(metrics_path)
+            if records:
+                media.save_loss_curve(self.run_dir / "loss.png", records)
+
+    # ------------------------------------------------------------------ signals, output
+
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # second signal: stop now
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+
+        old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return old
+
+    @staticmethod
+    def _restore_signal_handlers(old) -> None:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+    def _progress_bar(self):
+        from fvdm.progress import progress_bar
+
+        return progress_bar("train", fields=("loss",), console=self.console,
+                            disable=not (self.progress and self.world.is_main))
+
+    def _log(self, msg: str) -> None:
+        if self.world.is_main and self.progress:
+            from rich.console import Console
+
+            (self.console or Console(stderr=True)).print(msg)
+
+
+def train(cfg: Config, run_dir: str | Path, resume=None, progress: bool = True) -> TrainResult:
+    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
+    try:
+        return trainer.run()
+    finally:
+        D.shutdown(trainer.world)
+
+
+__all__ = ["Trainer", "TrainResult", "train", "lr_at", "ClipOrder", "step_generator"]
