@@ -126,7 +126,9 @@ def save_checkpoint(run_dir: PathLike, step: int, model_state: Mapping[str, torc
     final = ckpt_dir / step_dir_name(step)
     tmp: Path | None = None
     try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if not ckpt_dir.is_dir():
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(ckpt_dir.parent)  # a new run directory's entry must survive a crash too
         tmp = _make_work_dir(ckpt_dir, "tmp", final.name)
         files = {MODEL: _write_safetensors(tmp / MODEL, model)}
         if ema is not None:
@@ -168,8 +170,7 @@ def _prepare_tensors(state: Mapping[str, torch.Tensor], what: str) -> dict[str, 
                             "put non-tensor values in train_state")
         tensor = tensor.detach()
         if tensor.device.type != "cpu":
-            out[name] = tensor.to("cpu")  # a fresh, contiguous copy
-            continue
+            tensor = tensor.to("cpu")  # a fresh storage, but strides may still be permuted
         storage = tensor.untyped_storage().data_ptr()
         if not tensor.is_contiguous() or (storage != 0 and storage in seen_storages):
             tensor = tensor.clone(memory_format=torch.contiguous_format)
@@ -513,7 +514,8 @@ def _check_file(ckpt: Path, name: str, record: dict[str, Any]) -> None:
             if name.endswith(".safetensors"):
                 problem = _safetensors_header_problem(f, size)
                 if problem:
-                    raise CheckpointError(f"checkpoint {ckpt} is corrupt: {name} has a bad safetensors header ({problem})")
+                    raise CheckpointError(f"checkpoint {ckpt} is corrupt: {name} has a bad safetensors header "
+                                          f"({problem})")
                 f.seek(0)
             digest = _sha256_of(f)
     except OSError as e:
@@ -597,11 +599,12 @@ def _load_tensors(path: Path, device: str) -> dict[str, torch.Tensor]:
 
 
 def _load_state(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip; anything else is damaged
+        raise CheckpointError(f"checkpoint {path.parent} is corrupt: {path.name} is not a torch.save zip archive")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load {path}: torch.load(weights_only=True) refuses it ({first}); "
+        raise CheckpointError(f"cannot load {path}: torch.load(weights_only=True) refuses it ({_unpickler_reason(e)}); "
                               "it was not written by fvdm.train.checkpoint") from e
     except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"checkpoint {path.parent} is corrupt: cannot read {path.name} ({e})") from e
@@ -609,3 +612,12 @@ def _load_state(path: Path, map_location: str | torch.device) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path.parent} is corrupt: {path.name} holds a "
                               f"{type(state).__name__}, not a dict")
     return state
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The informative line of torch's multi-line weights_only error (which global it refused)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error" in line:
+            return line
+    return lines[0] if lines else type(error).__name__

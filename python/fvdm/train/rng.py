@@ -97,13 +97,13 @@ def _capture_generator(name: str, gen: Generator) -> dict[str, Any]:
     if isinstance(gen, np.random.Generator):
         # bit_generator.state is a dict of str, int (PCG64's are 128-bit Python ints) and arrays.
         return {"kind": "numpy", "state": _numpy_to_plain(gen.bit_generator.state)}
-    raise TypeError(f"generator {name!r} is a {type(gen).__name__}; expected torch.Generator or numpy.random.Generator")
+    raise _not_a_generator(name, gen)
 
 
 def _restore_generator(name: str, gen: Generator, saved: dict[str, Any]) -> None:
     kind = "torch" if isinstance(gen, torch.Generator) else "numpy" if isinstance(gen, np.random.Generator) else None
     if kind is None:
-        raise TypeError(f"generator {name!r} is a {type(gen).__name__}; expected torch.Generator or numpy.random.Generator")
+        raise _not_a_generator(name, gen)
     if saved["kind"] != kind:
         raise CheckpointError(f"the saved RNG state of generator {name!r} is a {saved['kind']} generator "
                               f"but a {kind} one was passed; resume with the same training code")
@@ -116,6 +116,10 @@ def _restore_generator(name: str, gen: Generator, saved: dict[str, Any]) -> None
             raise CheckpointError(f"the saved RNG state of generator {name!r} is for {state.get('bit_generator')} "
                                   f"but the generator passed uses {bit_generator}")
         gen.bit_generator.state = _plain_to_numpy(state)
+
+
+def _not_a_generator(name: str, gen: object) -> TypeError:
+    return TypeError(f"generator {name!r} is a {type(gen).__name__}; expected torch.Generator or numpy.random.Generator")
 
 
 def _numpy_to_plain(value: Any) -> Any:
