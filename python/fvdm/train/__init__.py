@@ -1,0 +1,1 @@
+"""Training: checkpoint storage (`fvdm.train.checkpoint`) and RNG capture (`fvdm.train.rng`)."""
