@@ -30,7 +30,7 @@ from fvdm.config import Config, from_dict, save_config
 from fvdm.diffusion import diffusion_loss, sample_timesteps
 from fvdm.errors import UserError
 from fvdm.train import distributed as D
-from fvdm.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from fvdm.train.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint
 from fvdm.train.ema import EMA
 from fvdm.train.rng import capture_rng
 
@@ -131,7 +131,7 @@ class Trainer:
                                 "or choose another --out")
             target = None
         elif resume is True:  # the latest good checkpoint of this run dir, if any
-            target = find_latest(self.run_dir)
+            target = self.run_dir if list_checkpoints(self.run_dir) else None
         else:
             target = Path(resume)
             if not target.exists():
