@@ -371,7 +371,7 @@ def main() -> None:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -382,12 +382,12 @@ def main() -> None:
         e.show()
         sys.exit(0)
     except cx.ClickException as e:
-        err.print(f"[bold red]error:[/] {e.format_message()}  (see --help)", highlight=False)
+        err.print(f"[bold red]error:[/] {e.format_message()}  (see --help)", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except OSError as e:
         if e.filename is None:
             raise
-        err.print(f"[bold red]error:[/] {e.filename}: {e.strerror}", highlight=False)
+        err.print(f"[bold red]error:[/] {e.filename}: {e.strerror}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
