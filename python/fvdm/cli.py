@@ -358,6 +358,7 @@ def main() -> None:
     """Entry point: user errors (bad file, bad option, corrupt checkpoint) become one line on
     stderr and exit status 2, never a traceback."""
     import sys
+    import warnings
 
     try:  # typer >= 0.20 vendors click
         from typer._click import exceptions as cx
@@ -367,6 +368,11 @@ def main() -> None:
     from fvdm.errors import UserError
 
     err = Console(stderr=True)
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        err.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+    warnings.showwarning = one_line_warning
     try:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)

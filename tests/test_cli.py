@@ -1,0 +1,170 @@
+"""The CLI on bad input: a one-line error naming the problem, a non-zero exit status, no
+traceback, and nothing already written damaged. Plus the happy path of `sample` per task."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fvdm.cli import main
+from fvdm.config import load_config
+from fvdm.train.trainer import train
+
+TINY = [
+    "model.size=T/2", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2",
+    "data.size=8", "data.num_frames=4", "data.num_videos=32", "train.batch_size=2", "train.steps=2",
+    "train.ckpt_every=2", "train.log_every=1", "train.sample_steps=2", "train.sample_videos=1",
+    "sample.steps=2", "sample.num_videos=1",
+]
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    old = sys.argv
+    sys.argv = ["fvdm", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *words: str):
+    assert code != 0
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:"), err
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("cli") / "run"
+    train(load_config("demo_cpu", TINY), run, progress=False)
+    return run
+
+
+def write_mp4(path: Path, frames: int, size: int) -> None:
+    from fvdm import media
+
+    video = torch.linspace(-1, 1, frames)[:, None, None, None].expand(frames, 3, size, size)
+    media.save_video(path, video, fps=4, scale=1)
+
+
+def test_sample_every_task_writes_outputs(capsys, run_dir, tmp_path):
+    out = tmp_path / "samples"
+    code, stdout, err = cli(capsys, "sample", "all", "--run", str(run_dir), "--out", str(out), "--no-progress",
+                            "--frames", "6")
+    assert code == 0, err
+    for task in ("unconditional", "i2v", "interpolate", "extend", "long", "rolling"):
+        files = {p.name for p in (out / task).iterdir()}
+        assert {"contact_sheet.png", "schedule.png", "video_000.mp4", "video_000.gif"} <= files, (task, files)
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(out / "long" / "contact_sheet.png"))
+    assert sheet.shape[1] > sheet.shape[0]  # 6 frames in a row
+
+
+def test_unknown_config_key_and_bad_option(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", "--out", str(tmp_path / "r"), "train.stpes=3")
+    assert_one_line_error(code, err, "train.stpes", "steps")
+    assert not (tmp_path / "r").exists()
+    code, _, err = cli(capsys, "train", "--config", "nonexistent_cfg")
+    assert_one_line_error(code, err, "nonexistent_cfg")
+    code, _, err = cli(capsys, "sample", "dance", "--run", "x")
+    assert_one_line_error(code, err, "dance")
+    code, _, err = cli(capsys, "sample", "long", "--frames", "0", "--run", "x")
+    assert_one_line_error(code, err, "--frames")
+    code, _, err = cli(capsys, "train", "--bogus-flag")
+    assert_one_line_error(code, err, "--bogus-flag")
+
+
+def test_missing_and_unreadable_inputs(capsys, run_dir, tmp_path):
+    before = tree_digest(run_dir)
+    code, _, err = cli(capsys, "sample", "i2v", "--run", str(run_dir), "--image", str(tmp_path / "nope.png"))
+    assert_one_line_error(code, err, "nope.png")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png at all")
+    code, _, err = cli(capsys, "sample", "i2v", "--run", str(run_dir), "--image", str(bad))
+    assert_one_line_error(code, err, "bad.png")
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(os.urandom(2000))
+    code, _, err = cli(capsys, "sample", "extend", "--run", str(run_dir), "--video", str(corrupt))
+    assert_one_line_error(code, err, "corrupt.mp4")
+    code, _, err = cli(capsys, "sample", "unconditional", "--run", str(tmp_path / "no_run"))
+    assert_one_line_error(code, err, "no_run")
+    assert tree_digest(run_dir) == before
+
+
+def test_wrong_sizes_and_indices(capsys, run_dir, tmp_path):
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((20, 24, 3), dtype=np.uint8)).save(big)
+    code, _, err = cli(capsys, "sample", "i2v", "--run", str(run_dir), "--image", str(big), "--no-progress")
+    assert_one_line_error(code, err, "24x20", "8x8")
+    wrong = tmp_path / "wrong.mp4"
+    write_mp4(wrong, 4, 16)
+    code, _, err = cli(capsys, "sample", "extend", "--run", str(run_dir), "--video", str(wrong), "--no-progress")
+    assert_one_line_error(code, err, "16x16")
+    clip = tmp_path / "clip.mp4"
+    write_mp4(clip, 4, 8)
+    code, _, err = cli(capsys, "sample", "interpolate", "--run", str(run_dir), "--video", str(clip),
+                       "--keyframes", "0,9", "--no-progress")
+    assert_one_line_error(code, err, "9")
+    code, _, err = cli(capsys, "sample", "interpolate", "--run", str(run_dir), "--keyframes", "0,x")
+    assert_one_line_error(code, err, "--keyframes")
+    code, _, err = cli(capsys, "sample", "extend", "--run", str(run_dir), "--video", str(clip), "--frames", "3",
+                       "--no-progress")
+    assert_one_line_error(code, err, "--frames 3")
+
+
+def test_corrupt_checkpoint_is_reported(capsys, run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    ckpt = sorted((copy / "checkpoints").glob("step_*"))[-1]
+    (ckpt / "state.pt").write_bytes(b"garbage")
+    code, _, err = cli(capsys, "train", "--out", str(copy), "--resume", *TINY, "train.steps=4")
+    assert code != 0 and "Traceback" not in err
+    (ckpt / "model.safetensors").write_bytes(b"\x00" * 10)
+    code, _, err = cli(capsys, "sample", "unconditional", "--run", str(copy), "--ckpt", str(ckpt))
+    assert_one_line_error(code, err, "corrupt", str(ckpt.name))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; chmod cannot make a folder unwritable")
+def test_unwritable_output(capsys, run_dir, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    code, _, err = cli(capsys, "sample", "unconditional", "--run", str(run_dir), "--out", str(ro / "x"))
+    assert_one_line_error(code, err, str(ro))
+
+
+def test_output_path_under_a_file(capsys, run_dir, tmp_path):
+    """Writing below a regular file fails the same way for root and everyone else."""
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    code, _, err = cli(capsys, "sample", "unconditional", "--run", str(run_dir), "--out", str(blocker / "x"),
+                       "--no-progress")
+    assert_one_line_error(code, err, "cannot write", "file")
+    assert blocker.read_text() == "keep me"
+    code, _, err = cli(capsys, "train", "--out", str(blocker / "run"), *TINY)
+    assert_one_line_error(code, err, str(blocker))
+    assert blocker.read_text() == "keep me"
