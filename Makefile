@@ -25,9 +25,12 @@ $(VENV)/.deps: pyproject.toml Makefile
 build: $(VENV)/.deps
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
+# Trains the CPU demo on the built-in moving sprites, then samples every zero-shot task into
+# runs/demo_cpu/samples/. Running it again continues (or reuses) the finished run.
 demo: build
 	$(PY) -m fvdm info
-	$(PY) -m fvdm bench kernels --quick --out build/bench-demo.json
+	$(PY) -m fvdm train --config demo_cpu --out runs/demo_cpu --resume
+	$(PY) -m fvdm sample all --run runs/demo_cpu
 
 test: build
 	$(PY) -m pytest -q
