@@ -136,7 +136,7 @@ def render(trajectory: Trajectory) -> torch.Tensor:
         patch = image[index]  # (F, win, win, 3)
         image[index] = patch + alpha * (t.colours[s].numpy() - patch)  # "over" compositing
     if t.channels == 1:
-        image = image.mean(axis=-1, keepdims=True)
+        image = image @ np.full((3, 1), 1.0 / 3.0, dtype=np.float32)  # channel mean (matmul: faster)
     # numpy, not torch, for the arithmetic: tiny arrays are dominated by per-op overhead.
     return torch.from_numpy(np.ascontiguousarray((image * 2.0 - 1.0).transpose(0, 3, 1, 2)))
 
@@ -154,7 +154,12 @@ def _pair(name: str, value: Sequence[float], lo: float, hi: float | None) -> tup
 
 class MovingSprites(Dataset):
     """Synthetic bouncing-sprite videos; item i is float32 (num_frames, channels, size, size)
-    in [-1, 1], a pure function of (seed, i). See the module docstring for units."""
+    in [-1, 1], a pure function of (seed, i).
+
+    num_videos: len. size: H = W in pixels. channels: 3 (RGB) or 1 (grey: channel mean).
+    min_sprites..max_sprites sprites per video, each with its own palette colour. sprite_size:
+    (min, max) side or diameter as a fraction of size (max <= 0.9). speed: (min, max) pixels
+    per frame at size 32, scaled with size. shapes: a subset of SHAPES."""
 
     def __init__(
         self,
