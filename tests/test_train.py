@@ -157,3 +157,29 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_reported(tmp_path):
         res = train(tiny("train.steps=6", "train.ckpt_every=2"), run, resume=True, progress=False)
     assert res.step == 6
     assert ckpts[-1].exists()  # the corrupt one is kept for inspection, not deleted
+
+
+def test_class_conditional_training_on_a_video_folder(tmp_path):
+    """Labels from root/<class>/<video>, label dropout, then guided sampling of a class."""
+    from fvdm import media
+    from fvdm.generate import generate
+    from fvdm.runs import load_run
+
+    for c, name in enumerate(("Archery", "Bowling")):
+        for v in range(2):
+            level = -0.8 + 1.6 * c
+            video = torch.full((6, 3, 8, 8), level) + 0.1 * torch.linspace(0, 1, 6)[:, None, None, None]
+            media.save_video(tmp_path / "data" / name / f"v{v}.mp4", video, fps=4, scale=1)
+    run = tmp_path / "run"
+    cfg = tiny("data.kind=videos", f"data.root={tmp_path / 'data'}", "model.num_classes=2", "train.steps=2",
+               "train.ckpt_every=2", "sample.guidance_scale=2.0")
+    res = train(cfg, run, progress=False)
+    assert res.step == 2
+    loaded = load_run(run)
+    out = generate(loaded.model, loaded.cfg, "unconditional", num_videos=2, steps=2, labels=torch.tensor([0, 1]))
+    assert out.video.shape == (2, 4, 3, 8, 8) and torch.isfinite(out.video).all()
+    bad = tiny("data.kind=videos", f"data.root={tmp_path / 'data'}", "model.num_classes=3")
+    from fvdm.errors import UserError
+
+    with pytest.raises(UserError, match="2 class"):
+        train(bad, tmp_path / "run3", progress=False)

@@ -78,6 +78,10 @@ def build_dataset(cfg: Config, run_dir: Path | None = None, device: torch.device
             raise UserError("data.sprites options apply only to data.kind=sprites")
         kwargs.update(root=d.root, frame_stride=d.frame_stride, size=d.size)
     dataset = data.build_dataset(d.kind, **kwargs)
+    if cfg.model.num_classes and d.kind != "sprites":
+        from fvdm.data.labels import LabelledByFolder
+
+        dataset = LabelledByFolder(dataset, cfg.model.num_classes)
     if d.vae:
         vae = data.load_vae(d.vae, device=device or "cpu")
         cache = Path(d.latent_cache) if d.latent_cache else (run_dir or Path(".")) / "latents"

@@ -135,6 +135,10 @@ class Config:
             raise UserError("model.learn_sigma needs a DDPM schedule (linear or cosine), not flow")
         if self.data.kind != "sprites" and not self.data.root:
             raise UserError(f"data.root is required for data.kind={self.data.kind!r}: the folder of your videos")
+        if self.data.kind != "sprites" and self.data.channels != 3:
+            raise UserError(f"data.channels must be 3 for data.kind={self.data.kind!r} (RGB video)")
+        if self.data.kind == "sprites" and self.model.num_classes:
+            raise UserError("model.num_classes > 0 needs labelled data (data.kind videos or frames, one folder per class)")
         _check_range("diffusion.ptss_p", self.diffusion.ptss_p, 0.0, 1.0)
         _check_range("train.ema_decay", self.train.ema_decay, 0.0, 1.0)
         _check_range("model.class_dropout_prob", self.model.class_dropout_prob, 0.0, 1.0)

@@ -185,8 +185,8 @@ def _model_fn(model, cfg: Config, batch: int, labels, guidance_scale, device):
         if labels is not None:
             raise UserError("labels were given but the model is unconditional")
         return lambda x, t: model(x, t)
-    if labels is None:
-        raise UserError(f"the model is class-conditional ({model.config.num_classes} classes): give --label")
+    if labels is None:  # class-conditional: classes 0, 1, 2, ... in turn
+        labels = torch.arange(batch) % model.config.num_classes
     y = torch.as_tensor(labels, device=device).reshape(-1)
     y = y.expand(batch) if y.numel() == 1 else y
     if y.shape != (batch,) or bool((y < 0).any() | (y >= model.config.num_classes).any()):
