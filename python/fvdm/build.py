@@ -14,8 +14,6 @@ from fvdm.diffusion import Schedule, make_schedule
 from fvdm.errors import UserError
 from fvdm.models import Latte, latte_config
 
-VAE_DOWNSAMPLE = 8  # Stable Diffusion's AutoencoderKL: 8x smaller latents with 4 channels
-VAE_CHANNELS = 4
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,13 +37,30 @@ def num_timesteps_for_training(cfg: Config) -> int | None:
     return None if cfg.diffusion.schedule == "flow" else cfg.diffusion.num_timesteps
 
 
+def vae_geometry(path: str) -> tuple[int, int]:
+    """(downsampling factor, latent channels) of a diffusers AutoencoderKL folder, read from its
+    config.json (SD's VAE: 8, 4) without loading the weights."""
+    import json
+
+    root = Path(path)
+    for cfg_file in (root / "config.json", root / "vae" / "config.json"):
+        if cfg_file.is_file():
+            try:
+                c = json.loads(cfg_file.read_text())
+                return 2 ** (len(c["block_out_channels"]) - 1), int(c["latent_channels"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"data.vae: {cfg_file} is not an AutoencoderKL config ({e})") from None
+    raise UserError(f"data.vae: no AutoencoderKL config.json in {root} (nor in {root / 'vae'})")
+
+
 def model_input_shape(cfg: Config) -> tuple[int, int, int]:
     """(frames, channels, size) the model sees: pixels, or VAE latents when data.vae is set."""
     d = cfg.data
     if d.vae:
-        if d.size % VAE_DOWNSAMPLE:
-            raise UserError(f"data.size {d.size} must be divisible by {VAE_DOWNSAMPLE} to train on VAE latents")
-        return d.num_frames, VAE_CHANNELS, d.size // VAE_DOWNSAMPLE
+        factor, channels = vae_geometry(d.vae)
+        if d.size % factor:
+            raise UserError(f"data.size {d.size} must be divisible by the VAE's downsampling factor {factor}")
+        return d.num_frames, channels, d.size // factor
     return d.num_frames, d.channels, d.size
 
 

@@ -277,11 +277,12 @@ class Trainer:
         if not self.world.is_main:
             D.barrier(self.world)
             return None
-        from fvdm.generate import generate
+        from fvdm.generate import Codec, generate
 
         tc = self.cfg.train
+        codec = Codec(getattr(self.dataset, "vae", None))  # latents are decoded to pixels
         videos = generate(self.ema.model, self.cfg, "unconditional", num_videos=tc.sample_videos,
-                          steps=tc.sample_steps, seed=tc.seed, device=self.device)
+                          steps=tc.sample_steps, seed=tc.seed, device=self.device, codec=codec)
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         media.save_contact_sheet(path, videos.video, held=videos.held)
         D.barrier(self.world)
