@@ -20,7 +20,7 @@ TINY = [
     "model.size=T/2", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2",
     "data.size=8", "data.num_frames=4", "data.num_videos=32", "train.batch_size=2", "train.steps=2",
     "train.ckpt_every=2", "train.log_every=1", "train.sample_steps=2", "train.sample_videos=1",
-    "sample.steps=2", "sample.num_videos=1",
+    "sample.steps=2", "sample.num_videos=1", "train.precision=fp32",
 ]
 
 
@@ -168,3 +168,14 @@ def test_output_path_under_a_file(capsys, run_dir, tmp_path):
     code, _, err = cli(capsys, "train", "--out", str(blocker / "run"), *TINY)
     assert_one_line_error(code, err, str(blocker))
     assert blocker.read_text() == "keep me"
+
+
+def test_eval_loss_writes_a_table(capsys, run_dir):
+    import json
+
+    code, out, err = cli(capsys, "eval", "loss", "--run", str(run_dir), "--clips", "4")
+    assert code == 0, err
+    result = json.loads((run_dir / "eval" / "loss.json").read_text())
+    losses = result["loss"]
+    assert len(losses) == 6 and all(v > 0 for v in losses.values())
+    assert result["step"] == 2 and "per-frame independent t" in losses

@@ -25,6 +25,7 @@ TINY = [
     "train.warmup_steps=2", "train.lr_schedule=cosine", "train.grad_clip=1.0", "train.ema_decay=0.9",
     "train.log_every=1", "train.sample_every=0", "train.sample_videos=2", "train.sample_steps=2",
     "diffusion.ptss_p=0.5", "diffusion.ptss_mode=sample", "sample.steps=3", "sample.num_videos=2",
+    "train.precision=fp32",
 ]
 
 
@@ -65,7 +66,7 @@ def test_lr_schedule_and_clip_order():
 
 def test_train_writes_outputs_and_refuses_to_clobber(tmp_path):
     run = tmp_path / "run"
-    res = train(tiny("train.steps=4", "train.ckpt_every=2"), run, progress=False)
+    res = train(tiny("train.steps=4", "train.ckpt_every=2", "train.precision=bf16"), run, progress=False)
     assert res.step == 4 and res.checkpoint is not None and res.interrupted is None
     for f in ("config.yaml", "metrics.jsonl", "loss.png"):
         assert (run / f).is_file(), f
@@ -78,7 +79,8 @@ def test_train_writes_outputs_and_refuses_to_clobber(tmp_path):
         train(tiny("train.steps=4"), run, progress=False)
     # resuming a finished run does nothing more and keeps the weights
     before = final_weights(run)
-    res = train(tiny("train.steps=4", "train.ckpt_every=2"), run, resume=True, progress=False)
+    res = train(tiny("train.steps=4", "train.ckpt_every=2", "train.precision=bf16"), run, resume=True,
+                progress=False)
     assert res.step == 4
     assert_same_weights(before, final_weights(run))
 
