@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import math
+import numbers
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -57,7 +58,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(path)
         # os.open with 0o666 lets the umask decide permissions, as for any normally created
         # file (mkstemp would leave the output readable by its owner only).
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -66,19 +67,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
     except OSError as e:
-        raise UserError(f"cannot write {path}: {_reason(e, path)}; choose another location or fix its permissions") from e
+        raise _cannot_write(path, e) from e
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
 
 
-def _reason(e: OSError, path: Path) -> str:
-    """The OS's reason, naming the offending path when it is not the target or our temp file."""
+def _make_parent(path: Path) -> None:
+    """Create `path`'s directory; a file standing where a directory should be is named."""
+    for parent in (path.parent, *path.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot write {path}: {parent} is a file, not a directory; choose another location")
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _cannot_write(path: Path, e: OSError) -> UserError:
+    """One line: the target, the OS's reason (naming another path if that is the culprit), a fix."""
     reason = e.strerror or str(e)
     name = os.fsdecode(e.filename) if e.filename else ""
     if name and name != str(path) and not name.endswith(".tmp"):
         reason += f" ({name})"
-    return reason
+    return UserError(f"cannot write {path}: {reason}; choose another location or fix its permissions")
 
 
 def write_json(path: str | Path, obj: object) -> Path:
@@ -96,13 +107,13 @@ def append_jsonl(path: str | Path, record: dict) -> None:
     path = Path(path)
     line = json.dumps(_finite(record), default=_scalar) + "\n"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent(path)
         with open(path, "ab+") as f:
             _drop_partial_line(f)
             f.write(line.encode())
             f.flush()
     except OSError as e:
-        raise UserError(f"cannot write {path}: {_reason(e, path)}; choose another location or fix its permissions") from e
+        raise _cannot_write(path, e) from e
 
 
 def _drop_partial_line(f: io.BufferedRandom) -> None:
@@ -133,8 +144,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     try:
         text = path.read_text()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {_reason(e, path)}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from e
     lines = text.split("\n")
     records = []
     for number, line in enumerate(lines, 1):
@@ -198,26 +209,21 @@ def to_uint8(x: ArrayLike) -> np.ndarray:
     return y.movedim(-3, -1).contiguous().numpy()
 
 
-def _rgb(a: np.ndarray, what: str) -> np.ndarray:
-    """uint8 (..., H, W, C) with C in {1, 3} -> (..., H, W, 3)."""
-    if a.shape[-1] == 1:
-        return np.repeat(a, 3, axis=-1)
-    if a.shape[-1] != 3:
-        raise UserError(f"{what}: expected 1 or 3 channels, got shape {a.shape} "
-                        "(float layout is (..., C, H, W), uint8 layout is (..., H, W, C))")
-    return a
-
-
 def _frames(video: ArrayLike, what: str) -> np.ndarray:
-    """A video (F, C, H, W) float or (F, H, W, C) uint8 -> uint8 (F, H, W, 3)."""
+    """A video (F, C, H, W) float or (F, H, W, C) uint8, C in {1, 3} -> uint8 (F, H, W, 3)."""
     v = torch.as_tensor(video)
     if v.ndim != 4 or v.shape[0] == 0:
         raise UserError(f"{what}: expected a video shaped (F, C, H, W) with F >= 1, got shape {tuple(v.shape)}")
-    return _rgb(to_uint8(v), what)
+    channels = v.shape[-1] if v.dtype == torch.uint8 else v.shape[1]
+    if channels not in (1, 3):
+        raise UserError(f"{what}: expected 1 or 3 channels, got shape {tuple(v.shape)} "
+                        "(float layout is (F, C, H, W), uint8 layout is (F, H, W, C))")
+    frames = to_uint8(v)
+    return np.repeat(frames, 3, axis=-1) if channels == 1 else frames  # grey -> RGB for writing
 
 
 def _check_scale(scale: int | None) -> None:
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int) or scale < 1):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Integral) or scale < 1):
         raise UserError(f"scale must be a positive integer (or None for automatic), got {scale!r}")
 
 
@@ -241,12 +247,13 @@ def save_video(path: str | Path, video: ArrayLike, fps: float = 8, scale: int | 
 
     video: (F, C, H, W) float in [-1, 1] or (F, H, W, C) uint8; C is 1 or 3.
     scale: integer nearest-neighbour upscale; None picks one so the shorter side is at least
-    VIDEO_MIN_SIDE pixels (and, for MP4, so both sides are even, as yuv420p requires)."""
+    VIDEO_MIN_SIDE pixels (and, for MP4, so both sides are even, as yuv420p requires).
+    A GIF stores identical consecutive frames once, for their summed duration."""
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in (".mp4", ".gif"):
         raise UserError(f"cannot write {path}: unknown video format {ext or '(no extension)'}; use .mp4 or .gif")
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 1000:
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not 0 < fps <= 1000:
         raise UserError(f"fps must be a number in (0, 1000], got {fps!r}")
     _check_scale(scale)
     frames = _frames(video, "save_video")
@@ -274,7 +281,7 @@ def _mp4_codec() -> str:
     try:
         av.codec.Codec("libx264", "w")
         return "libx264"
-    except Exception:  # PyAV raises its own UnknownCodecError (not an OSError) here
+    except av.codec.codec.UnknownCodecError:  # PyAV built without GPL codecs
         return "mpeg4"
 
 
@@ -282,7 +289,7 @@ def _encode_mp4(path: Path, frames: np.ndarray, fps: float, codec: str) -> None:
     """frames: uint8 (F, H, W, 3) with even H, W."""
     import av
 
-    f, h, w = frames.shape[:3]
+    h, w = frames.shape[1:3]
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
@@ -319,6 +326,9 @@ def save_contact_sheet(path: str | Path, videos: ArrayLike | Sequence[ArrayLike]
     labels: B short strings drawn left of the rows. scale: as in save_video (None: at least
     GRID_MIN_SIDE pixels)."""
     _check_scale(scale)
+    if isinstance(videos, (torch.Tensor, np.ndarray)) and videos.ndim != 5:
+        raise UserError(f"save_contact_sheet: expected videos shaped (B, F, C, H, W) or a list of (F, C, H, W), "
+                        f"got shape {tuple(videos.shape)}")
     rows = [_frames(v, "save_contact_sheet") for v in videos]
     if not rows:
         raise UserError("save_contact_sheet: no videos given")
@@ -333,7 +343,7 @@ def save_image_grid(path: str | Path, images: ArrayLike, nrow: int = 8, scale: i
     """A PNG grid of images, `nrow` per row (the last row may be short).
 
     images: (B, C, H, W) float in [-1, 1] or (B, H, W, C) uint8."""
-    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
+    if isinstance(nrow, bool) or not isinstance(nrow, numbers.Integral) or nrow < 1:
         raise UserError(f"nrow must be a positive integer, got {nrow!r}")
     _check_scale(scale)
     frames = _frames(images, "save_image_grid")
@@ -424,7 +434,8 @@ def _save_figure(path: str | Path, fig) -> Path:
     return Path(path)
 
 
-def save_schedule_matrix(path: str | Path, S: ArrayLike, held: ArrayLike | None = None, title: str | None = None) -> Path:
+def save_schedule_matrix(path: str | Path, S: ArrayLike, held: ArrayLike | None = None,
+                         title: str | None = None) -> Path:
     """A heatmap of a sampler's per-frame times: x = frame, y = sampler step (first at top).
 
     S: (steps + 1, F) times: integers in [-1, T - 1] for DDPM (-1 = clean) or floats in
