@@ -103,11 +103,18 @@ def test_to_uint8_moves_channels_last_and_passes_uint8_through():
     assert out[0, 1, 2].tolist() == [0, 128, 255]
     u = torch.randint(0, 256, (2, 4, 5, 3), dtype=torch.uint8)
     assert np.array_equal(media.to_uint8(u), u.numpy())
+    grey = media.to_uint8(torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1))  # C=1 -> RGB
+    assert grey.shape == (2, 1, 1, 3) and grey[:, 0, 0].tolist() == [[0] * 3, [255] * 3]
 
 
-@pytest.mark.parametrize("bad", [torch.full((1, 3, 2, 2), float("nan")), torch.zeros(1, 3, 2, 2, dtype=torch.int64),
-                                 torch.zeros(3, 4)])
-def test_to_uint8_rejects_nan_integers_and_flat_tensors(bad):
+@pytest.mark.parametrize("bad", [
+    torch.full((1, 3, 2, 2), float("nan")),
+    torch.zeros(1, 3, 2, 2, dtype=torch.int64),
+    torch.zeros(3, 4),
+    torch.zeros(1, 4, 2, 2),  # 4 channels
+    torch.zeros(1, 2, 2, 2, dtype=torch.uint8),  # uint8 is channels-last: 2 channels
+])
+def test_to_uint8_rejects_nan_integers_flat_tensors_and_odd_channels(bad):
     with pytest.raises(UserError):
         media.to_uint8(bad)
 
@@ -332,6 +339,9 @@ def test_jsonl_corruption_before_the_last_line_is_an_error(tmp_path):
         media.read_jsonl(path)
     with pytest.raises(UserError, match="cannot read"):
         media.read_jsonl(tmp_path / "missing.jsonl")
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UserError, match="cannot read"):
+        media.read_jsonl(tmp_path / "binary.jsonl")
 
 
 def test_write_json_round_trips(tmp_path):

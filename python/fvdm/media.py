@@ -145,7 +145,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from e
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
     lines = text.split("\n")
     records = []
     for number, line in enumerate(lines, 1):
@@ -188,25 +188,30 @@ def _scalar(obj: object) -> object:
 
 
 def to_uint8(x: ArrayLike) -> np.ndarray:
-    """Model-space pixels to bytes.
+    """Model-space pixels to RGB bytes.
 
-    x: float (..., C, H, W) in [-1, 1] -> uint8 (..., H, W, C), computed as
+    x: float (..., C, H, W) in [-1, 1] -> uint8 (..., H, W, 3), computed as
     floor(clamp((x * 0.5 + 0.5) * 255 + 0.5, 0, 255)) (FVDM's convention: -1 -> 0, 0 -> 128,
-    1 -> 255, out-of-range values clamp). uint8 input is taken to be (..., H, W, C) already and
-    is returned as is. The channel count is kept; writers expand C=1 to RGB."""
+    1 -> 255, out-of-range values clamp). uint8 input is taken to be (..., H, W, C) already
+    and is returned unchanged. C is 1 or 3; grey (C=1) is repeated to 3 channels for writing."""
     x = torch.as_tensor(x).detach().cpu()
-    if x.dtype == torch.uint8:
-        return x.numpy()
-    if not x.is_floating_point():
+    if x.dtype != torch.uint8 and not x.is_floating_point():
         raise UserError(f"expected float pixels in [-1, 1] or uint8, got dtype {x.dtype}")
     if x.ndim < 3:
         raise UserError(f"expected pixels shaped (..., C, H, W), got shape {tuple(x.shape)}")
-    x = x.float()
-    bad = (~torch.isfinite(x)).sum().item()
-    if bad:
-        raise UserError(f"pixels contain {bad} NaN/inf values (a diverged model?); nothing written")
-    y = ((x * 0.5 + 0.5) * 255 + 0.5).clamp(0, 255).floor().to(torch.uint8)
-    return y.movedim(-3, -1).contiguous().numpy()
+    channels = x.shape[-1] if x.dtype == torch.uint8 else x.shape[-3]
+    if channels not in (1, 3):
+        raise UserError(f"expected 1 or 3 channels, got shape {tuple(x.shape)} "
+                        "(float layout is (..., C, H, W), uint8 layout is (..., H, W, C))")
+    if x.is_floating_point():
+        x = x.float()
+        bad = (~torch.isfinite(x)).sum().item()
+        if bad:
+            raise UserError(f"pixels contain {bad} NaN/inf values (a diverged model?); nothing written")
+        x = ((x * 0.5 + 0.5) * 255 + 0.5).clamp(0, 255).floor().to(torch.uint8).movedim(-3, -1)
+    if channels == 1:
+        x = x.expand(*x.shape[:-1], 3)
+    return x.contiguous().numpy()
 
 
 def _frames(video: ArrayLike, what: str) -> np.ndarray:
@@ -214,12 +219,7 @@ def _frames(video: ArrayLike, what: str) -> np.ndarray:
     v = torch.as_tensor(video)
     if v.ndim != 4 or v.shape[0] == 0:
         raise UserError(f"{what}: expected a video shaped (F, C, H, W) with F >= 1, got shape {tuple(v.shape)}")
-    channels = v.shape[-1] if v.dtype == torch.uint8 else v.shape[1]
-    if channels not in (1, 3):
-        raise UserError(f"{what}: expected 1 or 3 channels, got shape {tuple(v.shape)} "
-                        "(float layout is (F, C, H, W), uint8 layout is (F, H, W, C))")
-    frames = to_uint8(v)
-    return np.repeat(frames, 3, axis=-1) if channels == 1 else frames  # grey -> RGB for writing
+    return to_uint8(v)
 
 
 def _check_scale(scale: int | None) -> None:
