@@ -88,9 +88,7 @@ def build_dataset(cfg: Config, run_dir: Path | None = None, device: torch.device
     kwargs = dict(num_frames=d.num_frames, seed=d.seed)
     if d.kind == "sprites":
         kwargs.update(num_videos=d.num_videos, size=d.size, channels=d.channels, **d.sprites)
-    else:
-        if d.sprites:
-            raise UserError("data.sprites options apply only to data.kind=sprites")
+    else:  # data.sprites options are for kind=sprites only; other kinds ignore them
         kwargs.update(root=d.root, frame_stride=d.frame_stride, size=d.size)
     dataset = data.build_dataset(d.kind, **kwargs)
     if cfg.model.num_classes and d.kind != "sprites":

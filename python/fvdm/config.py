@@ -53,7 +53,7 @@ class DataConfig:
     channels: int = 3
     num_videos: int = 10000  # sprites: length of the dataset
     seed: int = 0  # sprites content / random clip starts
-    sprites: dict[str, Any] = field(default_factory=dict)  # extra MovingSprites options
+    sprites: dict[str, Any] = field(default_factory=dict)  # extra MovingSprites options (kind=sprites only)
     vae: str | None = None  # local diffusers AutoencoderKL folder: train on its latents
     latent_cache: str | None = None  # folder for cached latents (default: <run>/latents)
     num_workers: int = 0
