@@ -526,3 +526,18 @@ def test_long_video_with_the_sampler_keeps_the_overlap_exact():
     assert video.shape == (2, 11, 2, 4, 4) and len(windows) == 3
     torch.testing.assert_close(video[:, :5], windows[0], atol=0, rtol=0)
     torch.testing.assert_close(video[:, 3:8], windows[1], atol=0, rtol=0)  # overlap frames 3, 4 shared
+
+
+def test_noise_bias_skews_training_times_toward_high_noise():
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps(40000, 1, 0.0, generator=g, noise_bias=2.0).float()
+    # t >= 0.8 T  <=>  (1 - u)^2 <= 0.2  <=>  u >= 1 - sqrt(0.2): probability sqrt(0.2) = 0.447
+    assert abs(float((t >= 800).float().mean()) - 0.2 ** 0.5) < 0.01
+    assert int(t.min()) >= 0 and int(t.max()) <= 999
+    f = sample_timesteps(40000, 1, 0.0, generator=g, num_timesteps=None, noise_bias=3.0)
+    assert abs(float((f >= 0.8).float().mean()) - 0.2 ** (1 / 3)) < 0.01
+    a = sample_timesteps(8, 4, 0.5, generator=torch.Generator().manual_seed(1))
+    b = sample_timesteps(8, 4, 0.5, generator=torch.Generator().manual_seed(1), noise_bias=1.0)
+    assert torch.equal(a, b)  # bias 1 is the paper's uniform draw, unchanged
+    with pytest.raises(ValueError, match="noise_bias"):
+        sample_timesteps(2, 2, generator=g, noise_bias=0.0)

@@ -297,20 +297,21 @@ def sample(
     base = out or Path(run) / "samples"
     console.print(f"sampling {', '.join(tasks)} with {loaded.checkpoint} (step {loaded.step}, "
                   f"{'EMA' if ema else 'raw'} weights)")
+    n_videos = num or cfg.sample.num_videos
     for name in tasks:
         cond = None
         if name == "i2v":
-            cond = image_condition(image, cfg) if image else data_condition(cfg, 1)
+            cond = image_condition(image, cfg) if image else data_condition(cfg, 1, n_videos)
         elif name == "interpolate":
-            cond = video_condition(video, cfg, Fw) if video else data_condition(cfg, Fw)
+            cond = video_condition(video, cfg, Fw) if video else data_condition(cfg, Fw, n_videos)
             if idx is not None and cond.shape[1] < Fw and max(idx) >= cond.shape[1]:
                 fail(f"--keyframes {max(idx)} is beyond the {cond.shape[1]} frames of {video}")
         elif name == "extend":
-            cond = video_condition(video, cfg) if video else data_condition(cfg, Fw // 2)
+            cond = video_condition(video, cfg) if video else data_condition(cfg, Fw // 2, n_videos)
         with progress_bar(f"sample {name}", console=console, disable=not show_progress) as bar:
             bar_task = bar.add_task(name, total=None)
             result = generate(
-                model, cfg, name, num_videos=num or cfg.sample.num_videos, steps=steps, method=method, eta=eta,
+                model, cfg, name, num_videos=n_videos, steps=steps, method=method, eta=eta,
                 seed=cfg.sample.seed if seed is None else seed, device=next(model.parameters()).device,
                 condition=cond, keyframe_indices=idx, total_frames=frames, lag=lag,
                 labels=None if label is None else torch.tensor([label]), guidance_scale=guidance,

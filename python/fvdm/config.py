@@ -66,6 +66,7 @@ class DiffusionConfig:
     objective: str = "eps"  # eps | v | x0 | flow
     ptss_p: float = 0.2  # probability of independent per-frame timesteps (0: scalar baseline)
     ptss_mode: str = "batch"  # batch: one coin per global batch (reference) | sample: per clip
+    noise_bias: float = 1.0  # > 1 draws training times skewed toward high noise (1: uniform, the paper)
 
 
 @dataclass
@@ -152,6 +153,8 @@ class Config:
                     "train.sample_every", "train.keep_checkpoints", "data.num_workers", "sample.eta"):
             if self.get(key) < 0:
                 raise UserError(f"{key} must be >= 0, got {self.get(key)}")
+        if self.diffusion.noise_bias <= 0:
+            raise UserError(f"diffusion.noise_bias must be > 0, got {self.diffusion.noise_bias}")
         if self.train.grad_clip is not None and self.train.grad_clip <= 0:
             raise UserError(f"train.grad_clip must be > 0 or null, got {self.train.grad_clip}")
         return self

@@ -84,16 +84,17 @@ def video_condition(path: str | Path, cfg: Config, max_frames: int | None = None
     return _frames_to_model(frames, cfg, str(path))[None]
 
 
-def data_condition(cfg: Config, num_frames: int, index: int = 0) -> torch.Tensor:
-    """A clip from the run's own data kind with a held-out seed (data.seed + 1): conditioning
-    for i2v / interpolate / extend when no file is given. (1, num_frames, C, H, W)."""
+def data_condition(cfg: Config, num_frames: int, num_clips: int = 1) -> torch.Tensor:
+    """Clips from the run's own data kind with a held-out seed (data.seed + 1): conditioning
+    for i2v / interpolate / extend when no file is given, and held-out evaluation data.
+    (num_clips, num_frames, C, H, W) in [-1, 1]."""
     held_out = from_dict(cfg.to_dict())
     held_out.data.seed = cfg.data.seed + 1
     held_out.data.vae = None  # pixels; the sampler encodes them
     held_out.data.num_frames = num_frames
-    clip = build_dataset(held_out)[index]
-    clip = clip[0] if isinstance(clip, (tuple, list)) else clip
-    return clip[None].float()
+    dataset = build_dataset(held_out)
+    clips = [dataset[i % len(dataset)] for i in range(num_clips)]
+    return torch.stack([c[0] if isinstance(c, (tuple, list)) else c for c in clips]).float()
 
 
 def _frames_to_model(frames: torch.Tensor, cfg: Config, name: str) -> torch.Tensor:

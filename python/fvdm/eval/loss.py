@@ -20,7 +20,7 @@ def held_out_loss(model: torch.nn.Module, cfg: Config, num_clips: int = 32, batc
     schedule = build_schedule(cfg).to(device)
     T = num_timesteps_for_training(cfg)
     g = torch.Generator().manual_seed(seed)
-    clips = torch.cat([data_condition(cfg, cfg.data.num_frames, i) for i in range(num_clips)])
+    clips = data_condition(cfg, cfg.data.num_frames, num_clips)
     if cfg.data.vae:
         raise NotImplementedError("held-out loss on VAE latents is not supported yet")
     rows = {}

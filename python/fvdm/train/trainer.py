@@ -200,7 +200,7 @@ class Trainer:
         B, lo, hi = tc.batch_size, self.world.rank * self.local_batch, (self.world.rank + 1) * self.local_batch
         g = step_generator(tc.seed, step)
         t = sample_timesteps(B, x0.shape[1], cfg.diffusion.ptss_p, num_timesteps=num_timesteps_for_training(cfg),
-                             mode=cfg.diffusion.ptss_mode, generator=g)[lo:hi]
+                             mode=cfg.diffusion.ptss_mode, generator=g, noise_bias=cfg.diffusion.noise_bias)[lo:hi]
         noise = torch.randn((B, *x0.shape[1:]), generator=g, dtype=x0.dtype)[lo:hi]
         drop = torch.rand(B, generator=g)[lo:hi] < cfg.model.class_dropout_prob
         x0, t, noise = x0.to(self.device), t.to(self.device), noise.to(self.device)
