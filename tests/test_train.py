@@ -15,10 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fvdm
 from fvdm.config import load_config
 from fvdm.train.trainer import ClipOrder, lr_at, train
 
-ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses import the same fvdm as this process (the CPU build, or the CUDA build that
+# `make cuda-check` stages in build/cuda-pkg).
+PKG_PARENT = str(Path(fvdm.__file__).resolve().parents[1])
 TINY = [
     "model.size=T/2", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2",
     "data.size=8", "data.num_frames=4", "data.num_videos=64", "train.batch_size=4", "train.lr=1e-3",
@@ -34,7 +37,7 @@ def tiny(*extra: str):
 
 
 def run_cli(*args: str, env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), OMP_NUM_THREADS="1", **(env_extra or {}))
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "fvdm", *args], capture_output=True, text=True, env=env,
                           timeout=300, **kw)
 
@@ -91,7 +94,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     full, broken = tmp_path / "full", tmp_path / "broken"
     assert run_cli("train", "--no-progress", "--out", str(full), *args).returncode == 0
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), OMP_NUM_THREADS="1", FVDM_TEST_STEP_DELAY="0.3")
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1", FVDM_TEST_STEP_DELAY="0.3")
     proc = subprocess.Popen([sys.executable, "-m", "fvdm", "train", "--no-progress", "--out", str(broken), *args],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -113,7 +116,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     run = tmp_path / "run"
     args = TINY + ["train.steps=50", "train.ckpt_every=1000"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), OMP_NUM_THREADS="1", FVDM_TEST_STEP_DELAY="0.2")
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1", FVDM_TEST_STEP_DELAY="0.2")
     proc = subprocess.Popen([sys.executable, "-m", "fvdm", "train", "--no-progress", "--out", str(run), *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -134,7 +137,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     args = TINY + ["train.steps=3", "train.ckpt_every=3", "train.precision=fp32"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert run_cli("train", "--no-progress", "--out", str(one), *args).returncode == 0
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1")
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
