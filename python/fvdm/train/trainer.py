@@ -322,10 +322,11 @@ class Trainer:
                             disable=not (self.progress and self.world.is_main))
 
     def _log(self, msg: str) -> None:
-        if self.world.is_main and self.progress:
+        """Events worth a line even without a progress bar (resume, stop); rank 0 only."""
+        if self.world.is_main:
             from rich.console import Console
 
-            (self.console or Console(stderr=True)).print(msg)
+            (self.console or Console(stderr=True)).print(msg, highlight=False, soft_wrap=True)
 
 
 def train(cfg: Config, run_dir: str | Path, resume=None, progress: bool = True) -> TrainResult:
