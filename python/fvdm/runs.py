@@ -84,15 +84,19 @@ def video_condition(path: str | Path, cfg: Config, max_frames: int | None = None
     return _frames_to_model(frames, cfg, str(path))[None]
 
 
-def data_condition(cfg: Config, num_frames: int, num_clips: int = 1) -> torch.Tensor:
-    """Clips from the run's own data kind with a held-out seed (data.seed + 1): conditioning
-    for i2v / interpolate / extend when no file is given, and held-out evaluation data.
-    (num_clips, num_frames, C, H, W) in [-1, 1]."""
+def held_out_dataset(cfg: Config, num_frames: int):
+    """The run's own data kind with a held-out seed (data.seed + 1), in pixels, num_frames a clip."""
     held_out = from_dict(cfg.to_dict())
     held_out.data.seed = cfg.data.seed + 1
     held_out.data.vae = None  # pixels; the sampler encodes them
     held_out.data.num_frames = num_frames
-    dataset = build_dataset(held_out)
+    return build_dataset(held_out)
+
+
+def data_condition(cfg: Config, num_frames: int, num_clips: int = 1) -> torch.Tensor:
+    """Clips from the held-out dataset: conditioning for i2v / interpolate / extend when no file
+    is given, and held-out evaluation data. (num_clips, num_frames, C, H, W) in [-1, 1]."""
+    dataset = held_out_dataset(cfg, num_frames)
     clips = [dataset[i % len(dataset)] for i in range(num_clips)]
     return torch.stack([c[0] if isinstance(c, (tuple, list)) else c for c in clips]).float()
 

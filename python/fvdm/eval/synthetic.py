@@ -1,0 +1,213 @@
+"""Measurable quality on the built-in moving sprites, where the truth is known.
+
+A run trained on `data.kind: sprites` is asked to do every task on held-out videos (data seed
++ 1), and what it made is read with the sprite tracker (fvdm.eval.sprites) and compared with
+the physics (MovingSprites renders any clip continued for any length):
+
+  unconditional  fraction of coherent videos (one steady sprite on a smooth path) and the
+                 tracker's criteria.
+  i2v            frame 0 given: coherence, and whether the sprite keeps the given frame's
+                 colour and size.
+  interpolate    first and last frames given: PSNR / SSIM of the frames between against the
+                 true ones, and the tracked centre against the true centre (pixels).
+  extend         half a window given: the true continuation is known exactly, so the centre's
+                 distance from it per generated frame (pixels) and PSNR.
+  long           4x the training length by sliding windows: coherence over the whole video and
+                 drift (colour and size at the end against the start).
+
+The same numbers for the held-out true videos are given as "data": what a perfect model scores
+(the tracker's own error floor). Every number is a median or mean over videos, see each key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fvdm.data import MovingSprites
+from fvdm.errors import UserError
+from fvdm.eval.sprites import frame_blobs, score_video, score_videos
+from fvdm.generate import generate
+from fvdm.runs import LoadedRun, held_out_dataset
+
+TASKS = ("unconditional", "i2v", "interpolate", "extend", "long")
+
+
+# ----------------------------------------------------------------------------- image metrics
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per image PSNR in dB of (N, C, H, W) pairs in [-1, 1], on the [0, 1] scale."""
+    mse = (((a - b) / 2.0) ** 2).flatten(1).mean(1)
+    return 10.0 * torch.log10(1.0 / mse.clamp(min=1e-10))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per image SSIM (Wang et al. 2004: Gaussian window, K1 0.01, K2 0.03, channels averaged)
+    of (N, C, H, W) pairs in [-1, 1], on the [0, 1] scale. The window shrinks to the image for
+    frames smaller than 11 pixels."""
+    x, y = (a.double() + 1.0) / 2.0, (b.double() + 1.0) / 2.0
+    window = min(window, x.shape[-1], x.shape[-2])
+    window -= 1 - window % 2  # odd
+    r = torch.arange(window, dtype=torch.float64) - (window - 1) / 2.0
+    g = torch.exp(-(r**2) / (2 * sigma**2))
+    g = (g / g.sum())
+    C = x.shape[1]
+    kernel = (g[:, None] * g[None, :]).expand(C, 1, window, window).contiguous()
+
+    def blur(z):
+        return F.conv2d(z, kernel, groups=C)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1).float()
+
+
+# ----------------------------------------------------------------------------- tracking helpers
+
+
+def _centres(video: torch.Tensor) -> np.ndarray:
+    """(F, C, H, W) -> (F, 2) tracked centres, nan where no sprite is seen."""
+    return np.array([frame_blobs(f.numpy()).centroid for f in video])
+
+
+def _centre_error(fake: torch.Tensor, real: torch.Tensor) -> float:
+    """Mean distance (pixels) between tracked centres of two videos, frame by frame; a frame
+    where either shows no sprite counts as one frame side (as far off as it gets, roughly)."""
+    d = np.linalg.norm(_centres(fake) - _centres(real), axis=1)
+    return float(np.where(np.isfinite(d), d, fake.shape[-1]).mean())
+
+
+def _colour_and_area(video: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    blobs = [frame_blobs(f.numpy()) for f in video]
+    return np.array([b.colour for b in blobs]), np.array([b.area for b in blobs])
+
+
+def _nanmedian(values) -> float:
+    a = np.asarray(values, dtype=np.float64)
+    return float(np.median(np.where(np.isfinite(a), a, np.inf))) if a.size else float("nan")
+
+
+def _coherence(summary: dict) -> dict:
+    keep = ("coherent", "frames_with_expected_count", "area_change", "colour_drift", "max_jerk", "motion")
+    return {k: summary[k] for k in keep}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_synthetic(
+    run: LoadedRun,
+    num_videos: int = 32,
+    steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    tasks: tuple[str, ...] = TASKS,
+    callback: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """Every task in `tasks` on `num_videos` held-out videos; returns {task: {metric: value}}
+    for the model ("model") and for the true videos ("data"). callback(task, done, total)."""
+    cfg = run.cfg
+    if cfg.data.kind != "sprites":
+        raise UserError(f"eval synthetic needs a run trained on the built-in sprites (data.kind: sprites); "
+                        f"this run has data.kind: {cfg.data.kind}")
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise UserError(f"unknown task(s) {bad}; choose from {', '.join(TASKS)}")
+    Fw = cfg.data.num_frames
+    if Fw < 3:
+        raise UserError(f"eval synthetic needs clips of at least 3 frames, the run has {Fw}")
+    ds = held_out_dataset(cfg, Fw)
+    if not isinstance(ds, MovingSprites):
+        raise UserError("eval synthetic needs the plain sprites dataset (no class labels)")
+    expected = ds.max_sprites if ds.min_sprites == ds.max_sprites else None
+    device = next(run.model.parameters()).device
+    k_extend = Fw // 2
+    long_frames = 4 * Fw
+    truth = {n: torch.stack([ds.clip(i, n) for i in range(num_videos)])
+             for n in {Fw, k_extend + Fw, long_frames}}
+
+    def run_task(task: str, condition=None, **kw) -> torch.Tensor:
+        out = []
+        for start in range(0, num_videos, batch_size):
+            n = min(batch_size, num_videos - start)
+            cond = None if condition is None else condition[start:start + n]
+            g = generate(run.model, cfg, task, num_videos=n, steps=steps, seed=seed + start, device=device,
+                         condition=cond, codec=run.codec, **kw)
+            out.append(g.video)
+            if callback is not None:
+                callback(task, start + n, num_videos)
+        return torch.cat(out)
+
+    results: dict[str, dict] = {}
+    real = truth[Fw]
+    if "unconditional" in tasks:
+        fake = run_task("unconditional")
+        results["unconditional"] = {"model": _coherence(score_videos(fake, expected)),
+                                    "data": _coherence(score_videos(real, expected))}
+    if "i2v" in tasks:
+        fake = run_task("i2v", condition=real[:, :1])
+        results["i2v"] = {"model": _i2v_metrics(fake, real, expected), "data": _i2v_metrics(real, real, expected)}
+    if "interpolate" in tasks:
+        fake = run_task("interpolate", condition=real, keyframe_indices=[0, Fw - 1])
+        results["interpolate"] = {"model": _interpolation_metrics(fake, real)}
+    if "extend" in tasks:
+        full = truth[k_extend + Fw]
+        fake = run_task("extend", condition=full[:, :k_extend], total_frames=k_extend + Fw)
+        results["extend"] = {"model": _extension_metrics(fake, full, k_extend)}
+    if "long" in tasks:
+        fake = run_task("long", total_frames=long_frames)
+        results["long"] = {"model": _long_metrics(fake, Fw, expected),
+                           "data": _long_metrics(truth[long_frames], Fw, expected)}
+    return results
+
+
+def _i2v_metrics(fake: torch.Tensor, real: torch.Tensor, expected) -> dict:
+    """Coherence of the generated frames, and how far their sprite's colour (RGB distance) and
+    area (relative) are from the given frame's, median over frames then over videos."""
+    colour_err, area_err = [], []
+    for f, r in zip(fake, real):
+        c, a = _colour_and_area(f[1:])
+        c0, a0 = _colour_and_area(r[:1])
+        colour_err.append(np.nanmedian(np.linalg.norm(c - c0, axis=1)) if np.isfinite(c).any() else np.inf)
+        area_err.append(np.median(np.abs(a / max(a0[0], 1e-6) - 1.0)))
+    return {**_coherence(score_videos(fake, expected)), "colour_error": _nanmedian(colour_err),
+            "area_error": _nanmedian(area_err)}
+
+
+def _interpolation_metrics(fake: torch.Tensor, real: torch.Tensor) -> dict:
+    """The frames between the two keyframes against the true ones: mean PSNR / SSIM, median
+    centre error (pixels)."""
+    mid_f, mid_r = fake[:, 1:-1].flatten(0, 1), real[:, 1:-1].flatten(0, 1)
+    return {"psnr": float(psnr(mid_f, mid_r).mean()), "ssim": float(ssim(mid_f, mid_r).mean()),
+            "centre_error_px": _nanmedian([_centre_error(f[1:-1], r[1:-1]) for f, r in zip(fake, real)])}
+
+
+def _extension_metrics(fake: torch.Tensor, real: torch.Tensor, k: int) -> dict:
+    """The generated continuation (frames k..) against the physics: median over videos of the
+    mean centre error, of the error at the last frame, and mean PSNR."""
+    gen_f, gen_r = fake[:, k:], real[:, k:]
+    last = [_centre_error(f[-1:], r[-1:]) for f, r in zip(gen_f, gen_r)]
+    return {"centre_error_px": _nanmedian([_centre_error(f, r) for f, r in zip(gen_f, gen_r)]),
+            "last_frame_centre_error_px": _nanmedian(last),
+            "psnr": float(psnr(gen_f.flatten(0, 1), gen_r.flatten(0, 1)).mean())}
+
+
+def _long_metrics(videos: torch.Tensor, window: int, expected) -> dict:
+    """Coherence over the whole long video, and drift: how far the sprite's colour (RGB
+    distance) and area (relative) in the last window are from the first window's."""
+    colour_drift, area_drift = [], []
+    for v in videos:
+        c, a = _colour_and_area(v)
+        c_first, c_last = np.nanmean(c[:window], axis=0), np.nanmean(c[-window:], axis=0)
+        a_first, a_last = a[:window].mean(), a[-window:].mean()
+        colour_drift.append(float(np.linalg.norm(c_last - c_first)))
+        area_drift.append(abs(a_last / a_first - 1.0) if a_first > 0 else math.inf)
+    return {**_coherence(score_videos(videos, expected)), "end_colour_drift": _nanmedian(colour_drift),
+            "end_area_drift": _nanmedian(area_drift)}

@@ -1,0 +1,114 @@
+"""`fvdm eval synthetic`: image metrics against independent computations, the task metrics
+against known answers (truth scores perfectly, a shifted copy scores by its shift), and the
+command end to end on a tiny trained run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fvdm.config import load_config
+from fvdm.data import MovingSprites
+from fvdm.errors import UserError
+from fvdm.eval.synthetic import _extension_metrics, _interpolation_metrics, evaluate_synthetic, psnr, ssim
+from fvdm.runs import load_run
+from fvdm.train.trainer import train
+from test_cli import TINY, cli
+
+
+def sprites(n=4, size=16, frames=8):
+    ds = MovingSprites(num_videos=n, num_frames=frames, size=size, max_sprites=1, sprite_size=(0.3, 0.4), seed=3)
+    return torch.stack([ds[i] for i in range(n)])
+
+
+def test_psnr_of_a_known_error():
+    a = torch.zeros(2, 3, 8, 8)
+    b = a + 0.2  # 0.1 on the [0, 1] scale: MSE 0.01 -> 20 dB
+    assert torch.allclose(psnr(a, b), torch.full((2,), 20.0), atol=1e-4)
+
+
+def _ssim_direct(x: np.ndarray, y: np.ndarray, window=11, sigma=1.5) -> float:
+    """SSIM by its definition, one window position at a time ([0, 1] images, (C, H, W))."""
+    r = np.arange(window) - (window - 1) / 2
+    g = np.exp(-(r**2) / (2 * sigma**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = 0.01**2, 0.03**2
+    vals = []
+    for c in range(x.shape[0]):
+        for i in range(x.shape[1] - window + 1):
+            for j in range(x.shape[2] - window + 1):
+                px, py = x[c, i:i + window, j:j + window], y[c, i:i + window, j:j + window]
+                mx, my = (w * px).sum(), (w * py).sum()
+                vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
+                cxy = (w * (px - mx) * (py - my)).sum()
+                vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+    return float(np.mean(vals))
+
+
+def test_ssim_matches_its_definition():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 3, 14, 13, generator=g) * 2 - 1
+    b = (a + 0.3 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+    want = _ssim_direct(((a[0] + 1) / 2).double().numpy(), ((b[0] + 1) / 2).double().numpy())
+    assert abs(float(ssim(a, b)[0]) - want) < 1e-5
+    assert abs(float(ssim(a, a)[0]) - 1.0) < 1e-6
+    assert float(ssim(a, b)[0]) < 0.9
+
+
+def test_interpolation_metrics_truth_and_shift():
+    real = sprites()
+    perfect = _interpolation_metrics(real, real)
+    assert perfect["centre_error_px"] < 1e-6 and perfect["ssim"] > 0.999 and perfect["psnr"] > 90
+    shifted = real.roll(shifts=3, dims=-1)  # 3 px to the right (sprites stay clear of the wrap)
+    worse = _interpolation_metrics(shifted, real)
+    assert worse["psnr"] < 20 and worse["ssim"] < perfect["ssim"]
+    assert worse["centre_error_px"] > 1.5
+
+
+def test_extension_metrics_count_only_generated_frames():
+    real = sprites(frames=12)
+    fake = real.clone()
+    fake[:, :6] = -1.0  # damage the given frames only: the score must not change
+    m = _extension_metrics(fake, real, 6)
+    assert m["centre_error_px"] < 1e-6 and m["last_frame_centre_error_px"] < 1e-6
+    fake[:, 6:] = -1.0  # no sprite in the continuation: one frame side of error per frame
+    assert _extension_metrics(fake, real, 6)["centre_error_px"] == pytest.approx(16.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("synthetic") / "run"
+    train(load_config("demo_cpu", TINY + ["data.size=16", "model.patch_size=4"]), run, progress=False)
+    return run
+
+
+def test_eval_synthetic_command(tiny_run, capsys):
+    code, out, err = cli(capsys, "eval", "synthetic", "--run", str(tiny_run), "--videos", "2", "--steps", "2",
+                         "--no-progress")
+    assert code == 0, err
+    result = json.loads((tiny_run / "eval" / "synthetic.json").read_text())
+    tasks = result["results"]
+    assert set(tasks) == {"unconditional", "i2v", "interpolate", "extend", "long"}
+    # the true videos are what a perfect model would score
+    assert tasks["unconditional"]["data"]["frames_with_expected_count"] == 1.0
+    assert tasks["long"]["data"]["frames_with_expected_count"] == 1.0
+    assert tasks["i2v"]["data"]["colour_error"] < 0.1
+    for task in tasks.values():
+        assert all(isinstance(v, float) for v in task["model"].values())
+    assert "interpolate" in out and "psnr" in out
+
+
+def test_eval_synthetic_rejects_non_sprite_runs(tiny_run):
+    loaded = load_run(tiny_run, device="cpu")
+    loaded.cfg = dataclasses.replace(loaded.cfg, data=dataclasses.replace(loaded.cfg.data, kind="videos"))
+    with pytest.raises(UserError, match="sprites"):
+        evaluate_synthetic(loaded, num_videos=1, steps=1)
+
+
+def test_eval_synthetic_bad_task(tiny_run, capsys):
+    code, _, err = cli(capsys, "eval", "synthetic", "--run", str(tiny_run), "--tasks", "unconditional,warp")
+    assert code == 2 and "warp" in err and len(err.strip().splitlines()) == 1
