@@ -80,6 +80,20 @@ def test_sample_every_task_writes_outputs(capsys, run_dir, tmp_path):
     assert sheet.shape[1] > sheet.shape[0]  # 6 frames in a row
 
 
+def test_sample_with_replacement_conditioning(capsys, run_dir, tmp_path):
+    """--conditioning replace (scalar models): the given frames still come out exactly."""
+    from PIL import Image
+
+    img = tmp_path / "first.png"
+    frame = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(frame).save(img)
+    out = tmp_path / "i2v"
+    code, _, err = cli(capsys, "sample", "i2v", "--run", str(run_dir), "--image", str(img), "--conditioning",
+                       "replace", "--out", str(out), "--no-progress")
+    assert code == 0, err
+    assert (out / "contact_sheet.png").is_file() and (out / "video_000.mp4").is_file()
+
+
 def test_unknown_config_key_and_bad_option(capsys, tmp_path):
     code, _, err = cli(capsys, "train", "--out", str(tmp_path / "r"), "train.stpes=3")
     assert_one_line_error(code, err, "train.stpes", "steps")
@@ -92,6 +106,8 @@ def test_unknown_config_key_and_bad_option(capsys, tmp_path):
     assert_one_line_error(code, err, "--frames")
     code, _, err = cli(capsys, "train", "--bogus-flag")
     assert_one_line_error(code, err, "--bogus-flag")
+    code, _, err = cli(capsys, "sample", "i2v", "--conditioning", "inpaint", "--run", "x")
+    assert_one_line_error(code, err, "--conditioning", "inpaint")
 
 
 def test_missing_and_unreadable_inputs(capsys, run_dir, tmp_path):

@@ -22,6 +22,7 @@ from fvdm.diffusion import (
     image_to_video,
     interpolation,
     keyframes,
+    task_matrix,
     linear_betas,
     long_video,
     prediction_coeffs,
@@ -357,6 +358,55 @@ def test_held_frames_are_bit_identical(backend, method):
     out = sample(FakeDenoiser(dtype=torch.float32), sch, S, shape=SHAPE, method=method if method != "ddpm" else "ddim",
                  objective=objective, held=held, x0_held=x0_held, generator=gen(1), backend=backend)
     assert torch.equal(out[held], x0_held[held])
+
+
+class RecordingDenoiser(FakeDenoiser):
+    """FakeDenoiser that also records the inputs it was shown."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.inputs: list[torch.Tensor] = []
+
+    def __call__(self, x, t):
+        self.inputs.append(x.clone())
+        return super().__call__(x, t)
+
+
+@pytest.mark.parametrize("method", ["ddim", "euler"])
+def test_replacement_conditioning_renoises_given_frames_to_the_current_time(method):
+    """conditioning="replace" (scalar models): the model sees every frame at the ladder's time
+    and the given frames as fresh noisings of their clean values to that time; the result
+    still holds them exactly. "hold" shows them clean at the clean time."""
+    flow = method == "euler"
+    sch = FlowSchedule() if flow else ddpm_schedule("cosine")
+    ladder = flow_ladder(10) if flow else ddpm_ladder(10)
+    shape = (64, 3, 2, 4, 4)  # many samples so the noise statistics are tight
+    x0_held = torch.randn(shape, generator=gen(0))
+    S, held = task_matrix(ladder, 3, [0], "replace")
+    assert torch.equal(S, unconditional(ladder, 3)[0]) and held.tolist() == [True, False, False]
+    model = RecordingDenoiser(dtype=torch.float32)
+    out = sample(model, sch, S, shape=shape, method=method, objective="flow" if flow else "eps", held=held,
+                 x0_held=x0_held, conditioning="replace", generator=gen(1))
+    assert torch.equal(out[:, 0], x0_held[:, 0])
+    for i, (t, x) in enumerate(zip(model.times, model.inputs)):
+        assert torch.equal(t, sch.model_time(S[i]).expand_as(t))  # one time for every frame
+        a, s = sch.alpha_sigma(S[i][:1])
+        z = (x[:, 0] - float(a) * x0_held[:, 0]) / float(s)  # must be a fresh N(0, 1) draw
+        assert abs(float(z.mean())) < 0.15 and abs(float(z.std()) - 1.0) < 0.1
+    # "hold": the same given frame is shown clean, at the clean time
+    model = RecordingDenoiser(dtype=torch.float32)
+    S, held = task_matrix(ladder, 3, [0], "hold")
+    sample(model, sch, S, shape=shape, method=method, objective="flow" if flow else "eps", held=held,
+           x0_held=x0_held, generator=gen(1))
+    for t, x in zip(model.times, model.inputs):
+        assert torch.equal(x[:, 0], x0_held[:, 0])
+        assert torch.equal(t[:, 0], sch.model_time(torch.full_like(t[:, 0], sch.clean_time)))
+
+
+def test_unknown_conditioning_is_rejected():
+    S, held = unconditional(ddpm_ladder(2), 3)
+    with pytest.raises(ValueError, match="conditioning"):
+        sample(FakeDenoiser(), ddpm_schedule(), S, shape=(1, 3, 2, 4, 4), conditioning="inpaint")
 
 
 def test_frames_whose_time_does_not_change_stay_exactly():

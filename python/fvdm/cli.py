@@ -263,6 +263,9 @@ def sample(
     guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (class-conditional models)")] = None,
     label: Annotated[int | None, typer.Option(help="class id (class-conditional models)")] = None,
     lag: Annotated[int, typer.Option(help="rolling: steps between consecutive frames' starts")] = 1,
+    conditioning: Annotated[str, typer.Option(help="how given frames enter: hold (FVDM: clean, at t = 0) | replace "
+                                                   "(re-noised to the current time each step, for scalar-timestep "
+                                                   "models)")] = "hold",
     seed: Annotated[int | None, typer.Option(help="sampling seed (default sample.seed)")] = None,
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="sample the EMA weights")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
@@ -281,6 +284,7 @@ def sample(
 
     if task not in TASK_CHOICES:
         fail(f"unknown task {task!r}; choose one of {', '.join(TASK_CHOICES)}")
+    _split(conditioning, ["hold", "replace"], "--conditioning")
     for name, value in (("--num", num), ("--steps", steps), ("--frames", frames), ("--lag", lag)):
         if value is not None and value < 1:
             fail(f"{name} must be >= 1, got {value}")
@@ -315,7 +319,8 @@ def sample(
                 seed=cfg.sample.seed if seed is None else seed, device=next(model.parameters()).device,
                 condition=cond, keyframe_indices=idx, total_frames=frames, lag=lag,
                 labels=None if label is None else torch.tensor([label]), guidance_scale=guidance,
-                codec=loaded.codec, callback=lambda done, total: bar.update(bar_task, completed=done, total=total),
+                codec=loaded.codec, conditioning=conditioning,
+                callback=lambda done, total: bar.update(bar_task, completed=done, total=total),
             )
         task_dir = (base / name) if (task == "all" or out is None) else base
         written = write_outputs(task_dir, result, fps=cfg.sample.fps)
@@ -364,6 +369,7 @@ def eval_synthetic(
                                             "or all")] = "all",
     steps: Annotated[int | None, typer.Option(min=1, help="sampler steps (default sample.steps)")] = None,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    conditioning: Annotated[str, typer.Option(help="hold (FVDM) | replace (scalar-timestep models)")] = "hold",
     ema: Annotated[bool, typer.Option("--ema/--no-ema", help="evaluate the EMA weights")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     out: Annotated[Path | None, typer.Option(help="JSON file (default <run>/eval/synthetic.json)")] = None,
@@ -378,10 +384,12 @@ def eval_synthetic(
     from fvdm.runs import load_run
 
     chosen = list(TASKS) if tasks == "all" else _split(tasks, list(TASKS), "task")
+    _split(conditioning, ["hold", "replace"], "--conditioning")
     loaded = load_run(run, ckpt, use_ema=ema, device=device)
     with progress_bar("eval synthetic", console=console, disable=not show_progress) as bar:
         ids = {t: bar.add_task(t, total=videos) for t in chosen}
         results = evaluate_synthetic(loaded, num_videos=videos, steps=steps, seed=seed, tasks=tuple(chosen),
+                                     conditioning=conditioning,
                                      callback=lambda t, done, total: bar.update(ids[t], completed=done))
     table = Table(title=f"synthetic sprites, {loaded.checkpoint} (step {loaded.step}, {videos} videos a task)")
     for col, justify in (("task", "left"), ("metric", "left"), ("model", "right"), ("data", "right")):
@@ -393,7 +401,8 @@ def eval_synthetic(
     console.print(table)
     path = out or Path(run) / "eval" / "synthetic.json"
     media.write_json(path, {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": ema, "seed": seed,
-                            "videos": videos, "steps": steps or loaded.cfg.sample.steps, "results": results})
+                            "videos": videos, "steps": steps or loaded.cfg.sample.steps, "conditioning": conditioning,
+                            "results": results})
     console.print(f"written to {path}")
 
 

@@ -21,12 +21,11 @@ from fvdm.build import build_schedule
 from fvdm.config import Config
 from fvdm.diffusion import (
     classifier_free_guidance,
-    extension,
-    keyframes,
     ladder_for,
     long_video,
     rolling_diagonal,
     sample,
+    task_matrix,
     unconditional,
     window_sampler,
 )
@@ -85,11 +84,14 @@ def generate(
     labels: torch.Tensor | None = None,
     guidance_scale: float | None = None,
     codec: Codec | None = None,
+    conditioning: str = "hold",
     callback: Callable[[int, int], None] | None = None,
 ) -> Generated:
     """condition: pixels in [-1, 1], (B or 1, k, C, H, W): the image (k=1) for i2v, the full
     window for interpolate (frames at keyframe_indices are used), the clip to continue for
-    extend. callback(done, total) reports sampler steps."""
+    extend. conditioning: "hold" (FVDM: given frames at the clean time) or "replace" (how a
+    scalar-timestep model does it: given frames re-noised to the current time every step).
+    callback(done, total) reports sampler steps."""
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     sc = cfg.sample
@@ -107,7 +109,7 @@ def generate(
     g = torch.Generator(device).manual_seed(seed)
     ladder = ladder_for(schedule, steps)
     kwargs = dict(method=method, objective=cfg.diffusion.objective, eta=eta, learn_sigma=cfg.model.learn_sigma,
-                  generator=g, device=device, backend=model.backend)
+                  generator=g, device=device, backend=model.backend, conditioning=conditioning)
 
     def given() -> torch.Tensor:
         """The conditioning frames in model space, (num_videos, k, C, H, W)."""
@@ -139,7 +141,7 @@ def generate(
         if k > n_ctx:  # given frames older than the first window's context
             z = torch.cat([cond[:, : k - n_ctx], z], dim=1)
         held = torch.arange(total) < k
-        S, S_held = extension(ladder, Fw, n_ctx) if n_ctx else unconditional(ladder, Fw)
+        S, S_held = task_matrix(ladder, Fw, range(n_ctx), conditioning)
         return Generated(codec.decode(z).float().cpu(), held, S, S_held, task)
 
     x0_held = None
@@ -148,7 +150,7 @@ def generate(
     elif task == "rolling":
         S, held = rolling_diagonal(ladder, Fw, lag)
     elif task == "i2v":
-        S, held = keyframes(ladder, Fw, [0])
+        S, held = task_matrix(ladder, Fw, [0], conditioning)
         x0_held = torch.zeros(shape, device=device)
         x0_held[:, :1] = given()[:, :1]
     else:  # interpolate
@@ -160,7 +162,7 @@ def generate(
         if cond.shape[1] not in (Fw, len(idx)):
             raise UserError(f"interpolate needs a clip of {Fw} frames or one frame per keyframe ({len(idx)}); "
                             f"got {cond.shape[1]} frames")
-        S, held = keyframes(ladder, Fw, idx)
+        S, held = task_matrix(ladder, Fw, idx, conditioning)
         x0_held = torch.zeros(shape, device=device)
         x0_held[:, idx] = cond[:, idx] if cond.shape[1] == Fw else cond
     progress = _Progress(callback, S.shape[0] - 1)

@@ -6,6 +6,7 @@ from fvdm.diffusion.losses import LossOutput, diffusion_loss
 from fvdm.diffusion.objectives import OBJECTIVES, predict_x0_eps, prediction_coeffs, target_coeffs, training_target
 from fvdm.diffusion.ptss import PTSS_MODES, ptss_coins, sample_timesteps
 from fvdm.diffusion.samplers import (
+    CONDITIONING,
     METHODS,
     StepWeights,
     ddim_step,
@@ -31,6 +32,7 @@ from fvdm.diffusion.tasks import (
     image_to_video,
     interpolation,
     keyframes,
+    task_matrix,
     ladder_for,
     long_video,
     rolling_diagonal,
@@ -50,6 +52,7 @@ __all__ = [
     "PTSS_MODES",
     "ptss_coins",
     "sample_timesteps",
+    "CONDITIONING",
     "METHODS",
     "StepWeights",
     "ddim_step",
@@ -71,6 +74,7 @@ __all__ = [
     "image_to_video",
     "interpolation",
     "keyframes",
+    "task_matrix",
     "ladder_for",
     "long_video",
     "rolling_diagonal",

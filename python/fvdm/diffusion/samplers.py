@@ -29,6 +29,11 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,F,C,H,W)
 Callback = Callable[[int, int, torch.Tensor], None]  # (step index, number of steps, x after it)
 
 METHODS = ("ddpm", "ddim", "euler")
+# How given frames enter the sampler. "hold" (FVDM): they sit at the clean time with their clean
+# values, the other frames follow S. "replace" (the usual way for a scalar-timestep model, e.g.
+# Ho et al. 2022's replacement method): every frame follows S, and before each step the given
+# frames are overwritten by a fresh noising of their clean values to the current time.
+CONDITIONING = ("hold", "replace")
 DDPM_VARIANCES = ("small", "large")
 
 
@@ -118,6 +123,7 @@ def sample(
     learn_sigma: bool = False,
     held: torch.Tensor | None = None,
     x0_held: torch.Tensor | None = None,
+    conditioning: str = "hold",
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -129,8 +135,13 @@ def sample(
     model_fn(x (B, F, C, H, W), t (B, F) float model times) -> prediction (B, F, C', H, W),
     C' = 2C when learn_sigma (prediction, variance values: only method "ddpm" uses them).
     method: "ddpm" | "ddim" (DDPM schedule, default "ddim") or "euler" (flow, the default
-    there). held / x0_held: frames kept at their clean values. Returns x (B, F, C, H, W)."""
+    there). held / x0_held: the given frames and their clean values, entering as `conditioning`
+    says (CONDITIONING; with "replace" their columns of S must follow the ladder like the
+    others). They are exactly x0_held in the result. Returns x (B, F, C, H, W)."""
     check_objective(objective)
+    if conditioning not in CONDITIONING:
+        raise ValueError(f"unknown conditioning {conditioning!r}; choose one of {CONDITIONING}")
+    replace = conditioning == "replace"
     ops = get_backend(backend)
     method = method or ("euler" if isinstance(schedule, FlowSchedule) else "ddim")
     if method not in METHODS:
@@ -162,17 +173,26 @@ def sample(
         x = torch.where(per_frame(hold, x), x0_held, x)
     clean = torch.full((B, Fr), schedule.clean_time, dtype=S.dtype, device=x.device)
 
+    any_held = bool(hold.any())
     for i in range(steps):
-        t = torch.where(hold, clean, S[i])
-        s = torch.where(hold, clean, S[i + 1])
+        if replace:
+            t, s = S[i], S[i + 1]
+            if any_held:
+                noised = schedule.q_sample(x0_held, randn_like_shape(x.shape, generator, x.device, x.dtype), t, ops)
+                x = torch.where(per_frame(hold & (t != clean), x), noised, x)
+        else:
+            t = torch.where(hold, clean, S[i])
+            s = torch.where(hold, clean, S[i + 1])
         moving = t != s
         if bool(moving.any()):
             x = _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops,
                       x, t, s, moving, generator)
-            if bool(hold.any()):  # bit-exact whatever the arithmetic did
+            if any_held and not replace:  # bit-exact whatever the arithmetic did
                 x = torch.where(per_frame(hold, x), x0_held, x)
         if callback is not None:
             callback(i, steps, x)
+    if any_held and replace:
+        x = torch.where(per_frame(hold, x), x0_held, x)
     return x
 
 

@@ -70,6 +70,17 @@ def keyframes(ladder: torch.Tensor, num_frames: int, indices: Sequence[int]) -> 
     return S, held
 
 
+def task_matrix(ladder: torch.Tensor, num_frames: int, indices: Sequence[int], conditioning: str = "hold") -> Task:
+    """The matrix for frames `indices` given: keyframes' for "hold"; for "replace" (a scalar
+    model: given frames re-noised each step) every column follows the ladder."""
+    if not indices:
+        return unconditional(ladder, num_frames)
+    S, held = keyframes(ladder, num_frames, indices)
+    if conditioning == "replace":
+        S = unconditional(ladder, num_frames)[0]
+    return S, held
+
+
 def image_to_video(ladder: torch.Tensor, num_frames: int) -> Task:
     """The first frame is held clean (the given image), the others are generated."""
     return keyframes(ladder, num_frames, [0])
@@ -155,16 +166,17 @@ def window_sampler(
     ladder: torch.Tensor,
     shape: tuple[int, ...],
     generator: torch.Generator | None = None,
+    conditioning: str = "hold",
     **sample_kwargs,
 ) -> WindowFn:
     """A generate_window for long_video: samples one window of `shape` (B, window, C, H, W)
-    along `ladder` with the given frames held (samplers.sample with keyframes' matrix)."""
+    along `ladder` with the given frames held (samplers.sample with keyframes' matrix), or
+    replaced (conditioning="replace": every column follows the ladder)."""
 
     def generate(held: torch.Tensor, x0_held: torch.Tensor | None) -> torch.Tensor:
-        idx = held.nonzero().flatten().tolist()
-        S, held = keyframes(ladder, shape[1], idx) if idx else unconditional(ladder, shape[1])
+        S, held = task_matrix(ladder, shape[1], held.nonzero().flatten().tolist(), conditioning)
         return sample(model_fn, schedule, S, shape=shape, held=held, x0_held=x0_held, generator=generator,
-                      **sample_kwargs)
+                      conditioning=conditioning, **sample_kwargs)
 
     return generate
 

@@ -109,10 +109,13 @@ def evaluate_synthetic(
     seed: int = 0,
     batch_size: int = 16,
     tasks: tuple[str, ...] = TASKS,
+    conditioning: str = "hold",
     callback: Callable[[str, int, int], None] | None = None,
 ) -> dict:
     """Every task in `tasks` on `num_videos` held-out videos; returns {task: {metric: value}}
-    for the model ("model") and for the true videos ("data"). callback(task, done, total)."""
+    for the model ("model") and for the true videos ("data"). conditioning: how given frames
+    enter the sampler ("hold" for FVDM, "replace" for scalar-timestep models). callback(task,
+    done, total) reports progress."""
     cfg = run.cfg
     if cfg.data.kind != "sprites":
         raise UserError(f"eval synthetic needs a run trained on the built-in sprites (data.kind: sprites); "
@@ -139,7 +142,7 @@ def evaluate_synthetic(
             n = min(batch_size, num_videos - start)
             cond = None if condition is None else condition[start:start + n]
             g = generate(run.model, cfg, task, num_videos=n, steps=steps, seed=seed + start, device=device,
-                         condition=cond, codec=run.codec, **kw)
+                         condition=cond, codec=run.codec, conditioning=conditioning, **kw)
             out.append(g.video)
             if callback is not None:
                 callback(task, start + n, num_videos)
