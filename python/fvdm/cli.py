@@ -204,6 +204,51 @@ def bench_model(
     console.print(f"results written to {path}")
 
 
+@bench_app.command("ablation")
+def bench_ablation(
+    overrides: Annotated[list[str] | None, typer.Argument(help="config overrides shared by every arm, e.g. "
+                                                               "train.steps=1000", show_default=False)] = None,
+    config: Annotated[str, typer.Option("--config", "-c", help="config every arm starts from")] = "demo_cpu",
+    out_dir: Annotated[Path, typer.Option(help="where the arms' runs go (reused / resumed when run again)")] =
+        Path("runs/ablation"),
+    videos: Annotated[int, typer.Option(min=1, help="held-out videos per task")] = 32,
+    steps: Annotated[int | None, typer.Option(min=1, help="sampler steps (default sample.steps)")] = None,
+    seed: Annotated[int, typer.Option(help="sampling seed (the same for every arm)")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="JSON output (default benchmarks/results/ablation-<config>-"
+                                                  "<device>.json)")] = None,
+    show_progress: Annotated[bool, typer.Option("--progress/--no-progress", help="rich progress bars")] = True,
+) -> None:
+    """PTSS p=0.2 vs a scalar-timestep model (p=0) vs independent frames (p=1), identical seeds,
+    data and budget, each scored on every zero-shot task against the known physics (the
+    scalar model by replacement, and by holding frames as FVDM does). Needs sprite data."""
+    from fvdm.bench.ablation import arm_config, run_ablation, table_rows
+    from fvdm.bench.common import write_results
+
+    cfg = arm_config(config, overrides or [], 0.2)
+    if cfg.data.kind != "sprites":
+        fail(f"bench ablation scores against the sprites' physics: it needs data.kind: sprites, not {cfg.data.kind}")
+    result = run_ablation(config, overrides or [], out_dir, videos=videos, steps=steps, seed=seed, device=device,
+                          progress=show_progress, on_stage=lambda msg: console.print(f"[bold]ablation[/]: {msg}"))
+    cols = list(result["columns"])
+    table = Table(title=f"PTSS ablation: {config} {' '.join(overrides or [])} ({cfg.train.steps} steps, "
+                        f"batch {cfg.train.batch_size}, {videos} videos a task)")
+    for col in ["task", "metric", *cols, "true data"]:
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    last = None
+    for task, metric, values, truth in table_rows(result["columns"]):
+        cells = ["-" if v is None else f"{v:.3f}" for v in values]
+        table.add_row(task if task != last else "", metric, *cells, "" if truth is None else f"{truth:.3f}")
+        last = task
+    console.print(table)
+    from fvdm.build import resolve_device
+
+    path = write_results(f"ablation-{cfg.name}", resolve_device(device), {"config": config, "overrides": overrides or [],
+                                                       "train_steps": cfg.train.steps, "batch": cfg.train.batch_size,
+                                                       "videos": videos, "seed": seed, **result}, out)
+    console.print(f"results written to {path}")
+
+
 # ----------------------------------------------------------------------------- train / sample / eval
 
 OverridesArg = Annotated[list[str] | None, typer.Argument(
