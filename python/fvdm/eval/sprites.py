@@ -102,6 +102,11 @@ def score_video(video: torch.Tensor | np.ndarray, expected: int | None = 1,
     return VideoScore(count_ok, area_change, colour_drift, max_jerk, motion, bool(coherent))
 
 
+def expected_sprites(dataset) -> int | None:
+    """How many sprites every frame of a MovingSprites dataset shows (None when it varies)."""
+    return dataset.max_sprites if dataset.min_sprites == dataset.max_sprites else None
+
+
 def score_videos(videos: torch.Tensor, expected: int | None = 1, th: Thresholds = Thresholds()) -> dict:
     """(B, F, C, H, W) -> summary: fraction coherent, and the median of each criterion (medians:
     one broken video's inf must not hide how the others did)."""

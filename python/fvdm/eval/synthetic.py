@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from fvdm.data import MovingSprites
 from fvdm.errors import UserError
-from fvdm.eval.sprites import frame_blobs, score_video, score_videos
+from fvdm.eval.sprites import expected_sprites, frame_blobs, score_videos
 from fvdm.generate import generate
 from fvdm.runs import LoadedRun, held_out_dataset
 
@@ -129,7 +129,7 @@ def evaluate_synthetic(
     ds = held_out_dataset(cfg, Fw)
     if not isinstance(ds, MovingSprites):
         raise UserError("eval synthetic needs the plain sprites dataset (no class labels)")
-    expected = ds.max_sprites if ds.min_sprites == ds.max_sprites else None
+    expected = expected_sprites(ds)
     device = next(run.model.parameters()).device
     k_extend = Fw // 2
     long_frames = 4 * Fw
