@@ -1,14 +1,25 @@
-"""FVD: the Fréchet distance against closed forms and scipy, and streaming statistics."""
+"""FVD: the Fréchet distance against closed forms and scipy, streaming statistics, the
+reference's clip sampling, and the whole pipeline (video and frame folders) driven by small
+randomly initialised TorchScript networks with the I3D / Inception call interfaces."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
+from fvdm import media
+from fvdm.errors import UserError
 from fvdm.eval.frechet import FeatureStats, frechet_distance, frechet_from_stats
+from fvdm.eval.fvd import FolderClips, evaluate, load_i3d, load_inception
 
 torch.set_num_threads(1)
+# torch >= 2.10 deprecates TorchScript; the I3D of the FVD protocol is a TorchScript file
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 
 
 # ----------------------------------------------------------------------------- Fréchet distance
@@ -132,3 +143,176 @@ def test_covariance_is_one_over_n_and_survives_a_large_offset():
         stats.update(chunk)
     exact = np.cov(x - x.mean(0), rowvar=False, bias=True)
     np.testing.assert_allclose(stats.mean_cov()[1], exact, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- tiny detectors
+
+
+class TinyI3D(torch.nn.Module):
+    """The I3D TorchScript's interface: uint8 (B, 3, T, H, W), rescale/resize inside, features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(3, 6, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        if x.dtype != torch.uint8 or x.dim() != 5 or x.shape[1] != 3:
+            raise RuntimeError("expected uint8 videos shaped (B, 3, T, H, W)")
+        if not (rescale and resize and return_features):
+            raise RuntimeError("call as detector(videos, rescale=True, resize=True, return_features=True)")
+        v = x.float() / 127.5 - 1.0
+        v = F.interpolate(v, size=[x.shape[2], 16, 16], mode="trilinear", align_corners=False)
+        h = torch.relu(self.conv(v))
+        return torch.cat([h.mean(dim=[2, 3, 4]), v.mean(dim=[2, 3, 4])], dim=1)  # 9 features
+
+
+class TinyInception(torch.nn.Module):
+    """StyleGAN2-ADA's Inception interface: uint8 (N, 3, H, W), detector(images, return_features=True)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+            raise RuntimeError("expected uint8 images shaped (N, 3, H, W)")
+        if not return_features:
+            raise RuntimeError("call as detector(images, return_features=True)")
+        v = F.interpolate(x.float() / 127.5 - 1.0, size=[16, 16], mode="bilinear", align_corners=False)
+        return torch.cat([torch.relu(self.conv(v)).mean(dim=[2, 3]), v.mean(dim=[2, 3])], dim=1)
+
+
+class NoKwargs(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().mean(dim=[2, 3, 4])
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("nets")
+    torch.manual_seed(0)
+    paths = {}
+    for name, net in (("i3d", TinyI3D()), ("inception", TinyInception()), ("nokwargs", NoKwargs())):
+        paths[name] = root / f"{name}.pt"
+        torch.jit.script(net.eval()).save(str(paths[name]))
+    paths["corrupt"] = root / "corrupt.pt"
+    paths["corrupt"].write_bytes(b"not a torchscript archive" * 10)
+    return paths
+
+
+# ----------------------------------------------------------------------------- tiny video folders
+
+
+def clip_pixels(rng: np.random.Generator, frames: int, size: int = 16, dark: bool = False) -> np.ndarray:
+    """uint8 (frames, size, size, 3): a coloured square moving over a coloured background
+    (dark: a quarter of the brightness, another distribution)."""
+    bg, fg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    x0, y0, vx, vy = *rng.integers(0, size - 6, 2), *rng.integers(-2, 3, 2)
+    out = np.empty((frames, size, size, 3), np.uint8)
+    for f in range(frames):
+        out[f] = bg
+        x, y = (x0 + vx * f) % (size - 5), (y0 + vy * f) % (size - 5)
+        out[f, y:y + 5, x:x + 5] = fg
+    return out // 4 if dark else out
+
+
+def write_videos(root: Path, count: int, frames: int, seed: int = 0, dark: bool = False,
+                 kind: str = "mp4") -> Path:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        video = clip_pixels(rng, frames, dark=dark)
+        if kind == "mp4":
+            media.save_video(root / f"video_{i:03d}.mp4", video, fps=4, scale=1)
+        else:
+            (root / f"video_{i:03d}").mkdir()
+            for f, frame in enumerate(video):
+                Image.fromarray(frame).save(root / f"video_{i:03d}" / f"{f:06d}.png")
+    return root
+
+
+# ----------------------------------------------------------------------------- clip sampling
+
+
+def grey_frame_folders(root: Path, lengths: list[int]) -> Path:
+    """Frame folders of greyscale PNGs whose pixel value is the frame number."""
+    for v, n in enumerate(lengths):
+        (root / f"v{v}").mkdir(parents=True)
+        for k in range(n):
+            Image.fromarray(np.full((4, 6), k, np.uint8), mode="L").save(root / f"v{v}" / f"{k:06d}.png")
+    return root
+
+
+def test_real_clips_follow_the_reference_sampling(tmp_path):
+    """T frames every s-th from a start uniform over the valid starts; videos shorter than T*s
+    frames skipped (even one of exactly (T-1)*s+1 frames, as the reference's discard rule)."""
+    T, s = 4, 2
+    lengths = [8, 7, 12, 30, 9, 3, 20]  # 7 and 3 are < T*s = 8
+    root = grey_frame_folders(tmp_path / "real", lengths)
+    clips = FolderClips(root, role="real", option="--real", num_clips=5, num_frames=T, stride=s, seed=3)
+    assert (clips.found, clips.skipped, clips.min_frames) == (7, 2, 8)
+    got = [x for b in clips.batches(batch_size=2) for x in b]
+    assert len(got) == 5 and clips.resolution == (4, 6)
+    for (path, idx), x in zip(clips.clips, got):
+        n = lengths[int(path.name[1:])]
+        assert n >= T * s and idx == list(range(idx[0], idx[0] + T * s - 1, s)) and idx[-1] < n
+        assert x.dtype == torch.uint8 and x.shape == (3, T, 4, 6)  # grey repeated to 3 channels
+        assert torch.equal(x[:, :, 0, 0], torch.tensor(idx, dtype=torch.uint8).expand(3, T))
+    again = FolderClips(root, role="real", option="--real", num_clips=5, num_frames=T, stride=s, seed=3)
+    assert again.clips == clips.clips  # seeded
+    # over seeds, the start of a 12-frame video covers exactly the reference's randint(0, 12 - 8 + 2 - 1)
+    starts = set()
+    for seed in range(150):
+        c = FolderClips(root, role="real", option="--real", num_clips=5, num_frames=T, stride=s, seed=seed)
+        starts |= {idx[0] for path, idx in c.clips if path.name == "v2"}
+    assert starts == set(range(0, 12 - (T - 1) * s))
+
+
+def test_fake_clips_are_the_first_frames(tmp_path):
+    root = grey_frame_folders(tmp_path / "fake", [5, 9, 4])
+    clips = FolderClips(root, role="fake", option="--fake", num_clips=3, num_frames=4, stride=1, random_start=False)
+    assert all(idx == [0, 1, 2, 3] for _, idx in clips.clips)
+    with pytest.raises(UserError, match="shorter than 5 frames"):
+        FolderClips(root, role="fake", option="--fake", num_clips=2, num_frames=5, random_start=False)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("videos")
+    return {
+        "real": write_videos(root / "real", 8, 6, seed=0),
+        "real_frames": write_videos(root / "real_frames", 8, 6, seed=0, kind="png"),
+        "other": write_videos(root / "other", 8, 6, seed=1),  # same distribution, other videos
+        "shifted": write_videos(root / "shifted", 8, 6, seed=1, dark=True),
+    }
+
+
+def fvd(nets, real: Path, fake: Path, inception: bool = False, **kw) -> dict:
+    opts = dict(num_clips=8, num_frames=4, seed=0)
+    r = FolderClips(real, role="real", option="--real", stride=1, **opts, **kw)
+    f = FolderClips(fake, role="fake", option="--fake", stride=1, random_start=False, **opts)
+    inc = load_inception(nets["inception"]) if inception else None
+    return evaluate(r, f, load_i3d(nets["i3d"]), inc, batch_size=3, seed=0)
+
+
+def test_identical_sets_give_zero_and_a_shifted_set_a_larger_fvd(nets, folders):
+    same = fvd(nets, folders["real"], folders["real"], random_start=False, inception=True)
+    assert 0.0 <= same["fvd"] < 1e-9 and 0.0 <= same["fid_clip_frames"] < 1e-9
+    other = fvd(nets, folders["real"], folders["other"], inception=True)
+    shifted = fvd(nets, folders["real"], folders["shifted"], inception=True)
+    assert 0.0 < other["fvd"] < shifted["fvd"] / 2
+    assert 0.0 < other["fid_clip_frames"] < shifted["fid_clip_frames"] / 2
+    # 8 clips, 9 features: rank-deficient covariances, still a sane number
+    assert np.isfinite(shifted["fvd"]) and shifted["protocol"]["detector"]["feature_dim"] == 9
+
+
+def test_video_files_and_frame_folders_give_the_same_clips(nets, folders):
+    """The same pixels read from mp4 (lossy) and PNG differ only by compression."""
+    a = fvd(nets, folders["real"], folders["shifted"])
+    b = fvd(nets, folders["real_frames"], folders["shifted"])
+    assert a["real"]["kind"] == "videos" and b["real"]["kind"] == "frame folders"
+    assert b["fvd"] == pytest.approx(a["fvd"], rel=0.2)
