@@ -1,9 +1,12 @@
 """FVD: the Fréchet distance against closed forms and scipy, streaming statistics, the
-reference's clip sampling, and the whole pipeline (video and frame folders) driven by small
+reference's clip sampling, and the whole pipeline (folders, checkpoint, CLI) driven by small
 randomly initialised TorchScript networks with the I3D / Inception call interfaces."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fvdm import media
+from fvdm.cli import main
 from fvdm.errors import UserError
 from fvdm.eval.frechet import FeatureStats, frechet_distance, frechet_from_stats
 from fvdm.eval.fvd import FolderClips, evaluate, load_i3d, load_inception
@@ -316,3 +320,93 @@ def test_video_files_and_frame_folders_give_the_same_clips(nets, folders):
     b = fvd(nets, folders["real_frames"], folders["shifted"])
     assert a["real"]["kind"] == "videos" and b["real"]["kind"] == "frame folders"
     assert b["fvd"] == pytest.approx(a["fvd"], rel=0.2)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    old = sys.argv
+    sys.argv = ["fvdm", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *words: str) -> None:
+    assert code == 2, (code, err)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+
+
+def test_cli_end_to_end_writes_the_protocol_fingerprint(capsys, nets, folders, tmp_path):
+    out = tmp_path / "res" / "fvd.json"
+    code, stdout, err = cli(capsys, "eval", "fvd", "--real", str(folders["real"]), "--fake", str(folders["shifted"]),
+                            "--i3d", str(nets["i3d"]), "--inception", str(nets["inception"]), "--num-clips", "8",
+                            "--frames", "4", "--subsample", "1", "--seed", "5", "--batch-size", "3",
+                            "--workers", "2", "--device", "cpu", "--out", str(out))
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert "fvd8_4f" in stdout and "written to" in stdout
+    p = result["protocol"]
+    assert result["metric"] == p["name"] == "fvd8_4f" and result["fvd"] > 0
+    fingerprint = (p["num_clips"], p["frames"], p["subsample_factor"], p["fake_subsample_factor"], p["seed"])
+    assert fingerprint == (8, 4, 1, 1, 5)
+    assert p["detector"]["sha256"] == hashlib.sha256(nets["i3d"].read_bytes()).hexdigest()
+    assert p["detector"]["kwargs"] == {"rescale": True, "resize": True, "return_features": True}
+    assert p["resolution"] == {"real": [16, 16], "fake": [16, 16]}
+    assert result["fid"]["detector"]["sha256"] == hashlib.sha256(nets["inception"].read_bytes()).hexdigest()
+    assert result["fid"]["frames_per_set"] == 32
+    assert result["fvd_reference_sqrtm"] is None or np.isfinite(result["fvd_reference_sqrtm"])
+
+
+def test_cli_generates_from_a_checkpoint(capsys, nets, tmp_path):
+    from fvdm.config import load_config
+    from fvdm.train.trainer import train
+
+    run = tmp_path / "run"
+    tiny = ["model.size=T/2", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2",
+            "data.size=8", "data.num_frames=4", "data.frame_stride=2", "data.num_videos=8", "train.batch_size=2",
+            "train.steps=1", "train.ckpt_every=1", "train.log_every=1", "train.sample_steps=2",
+            "train.sample_videos=1", "sample.steps=2", "train.precision=fp32"]
+    train(load_config("demo_cpu", tiny), run, progress=False)
+    real = write_videos(tmp_path / "real", 3, 8)
+    code, stdout, err = cli(capsys, "eval", "fvd", "--real", str(real), "--ckpt", str(run), "--i3d",
+                            str(nets["i3d"]), "--num-clips", "3", "--frames", "4", "--batch-size", "2",
+                            "--device", "cpu", "--no-progress")
+    assert code == 0, err
+    (out,) = (run / "eval").glob("fvd3_4f_step*.json")
+    result = json.loads(out.read_text())
+    assert result["fake"]["kind"] == "generated" and result["fake"]["resolution"] == [8, 8]
+    assert result["protocol"]["subsample_factor"] == 2  # the run's frame stride
+    assert np.isfinite(result["fvd"]) and result["fvd"] >= 0
+
+
+def test_cli_bad_inputs_give_one_line_errors(capsys, nets, folders, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = ["eval", "fvd", "--num-clips", "8", "--frames", "4", "--no-progress", "--out", str(tmp_path / "x.json")]
+    real, fake = ["--real", str(folders["real"])], ["--fake", str(folders["shifted"])]
+    cases = [
+        ([*real, *fake, "--i3d", str(tmp_path / "missing.pt")], ["--i3d", "no such file", "never downloads"]),
+        ([*real, *fake, "--i3d", str(nets["corrupt"])], ["--i3d", "not a TorchScript file"]),
+        ([*real, *fake, "--i3d", str(nets["i3d"]), "--inception", str(nets["corrupt"])], ["--inception"]),
+        ([*real, *fake, "--i3d", str(nets["nokwargs"])], ["--i3d", "failed", "I3D"]),
+        (["--real", str(empty), *fake, "--i3d", str(nets["i3d"])], ["--real", "no videos"]),
+        (["--real", str(tmp_path / "nope"), *fake, "--i3d", str(nets["i3d"])], ["--real", "not a folder"]),
+        ([*real, *fake, "--i3d", str(nets["i3d"]), "--subsample", "2"], ["--real", "0 usable videos", "--num-clips"]),
+        ([*real, *fake, "--i3d", str(nets["i3d"]), "--num-clips", "9"], ["9", "--num-clips"]),
+        ([*real, "--i3d", str(nets["i3d"])], ["--fake", "--ckpt"]),
+    ]
+    for args, words in cases:
+        code, _, err = cli(capsys, *base, *args)
+        assert_one_line_error(code, err, *words)
+    assert not (tmp_path / "x.json").exists()
