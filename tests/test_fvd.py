@@ -322,6 +322,17 @@ def test_video_files_and_frame_folders_give_the_same_clips(nets, folders):
     assert b["fvd"] == pytest.approx(a["fvd"], rel=0.2)
 
 
+def test_frames_of_different_sizes_in_one_set_are_an_error(nets, tmp_path):
+    root = tmp_path / "mixed"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    media.save_video(root / "a.mp4", clip_pixels(rng, 4), fps=4, scale=1)
+    media.save_video(root / "b.mp4", clip_pixels(rng, 4, size=24), fps=4, scale=1)
+    clips = FolderClips(root, role="real", option="--real", num_clips=2, num_frames=4)
+    with pytest.raises(UserError, match="one frame size"):
+        list(clips.batches(batch_size=2))
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -388,6 +399,9 @@ def test_cli_generates_from_a_checkpoint(capsys, nets, tmp_path):
     assert result["fake"]["kind"] == "generated" and result["fake"]["resolution"] == [8, 8]
     assert result["protocol"]["subsample_factor"] == 2  # the run's frame stride
     assert np.isfinite(result["fvd"]) and result["fvd"] >= 0
+    code, _, err = cli(capsys, "eval", "fvd", "--real", str(real), "--ckpt", str(run), "--i3d", str(nets["i3d"]),
+                       "--num-clips", "3", "--frames", "5", "--device", "cpu", "--no-progress")
+    assert_one_line_error(code, err, "generates 4 frames", "--frames")
 
 
 def test_cli_bad_inputs_give_one_line_errors(capsys, nets, folders, tmp_path):
@@ -405,6 +419,7 @@ def test_cli_bad_inputs_give_one_line_errors(capsys, nets, folders, tmp_path):
         ([*real, *fake, "--i3d", str(nets["i3d"]), "--subsample", "2"], ["--real", "0 usable videos", "--num-clips"]),
         ([*real, *fake, "--i3d", str(nets["i3d"]), "--num-clips", "9"], ["9", "--num-clips"]),
         ([*real, "--i3d", str(nets["i3d"])], ["--fake", "--ckpt"]),
+        ([*real, *fake, "--ckpt", str(tmp_path), "--i3d", str(nets["i3d"])], ["exactly one", "--fake", "--ckpt"]),
     ]
     for args, words in cases:
         code, _, err = cli(capsys, *base, *args)
