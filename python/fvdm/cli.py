@@ -463,6 +463,80 @@ def eval_synthetic(
     console.print(f"written to {path}")
 
 
+@eval_app.command("fvd")
+def eval_fvd(
+    real: Annotated[Path, typer.Option(help="real videos: a folder of video files or of frame folders")],
+    i3d: Annotated[Path, typer.Option(help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt); never downloaded")],
+    fake: Annotated[Path | None, typer.Option(help="generated videos: a folder of video files or of frame folders")] = None,
+    ckpt: Annotated[Path | None, typer.Option(help="instead of --fake: generate from this run or checkpoint directory")] = None,
+    inception: Annotated[Path | None, typer.Option(help="also FID of the clips' frames with this Inception TorchScript "
+                                                        "(StyleGAN2-ADA's inception-2015-12-05.pt)")] = None,
+    num_clips: Annotated[int, typer.Option(min=2, help="clips per set (the reference: 2048)")] = 2048,
+    frames: Annotated[int, typer.Option(min=1, help="frames per clip (the reference: 16)")] = 16,
+    subsample: Annotated[int | None, typer.Option(min=1, help="real clips take every N-th frame (the reference uses 3 "
+                                                              "for UCF101 and Taichi); default: the run's frame stride "
+                                                              "with --ckpt, else 1")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the video choice, clip starts and generation (recorded)")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="clips per detector (and generation) batch")] = 8,
+    workers: Annotated[int, typer.Option(min=0, help="threads decoding videos (0: in the main thread)")] = 4,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="result JSON (default <run>/eval/<metric>_step<N>.json with --ckpt, "
+                                                  "else ./<metric>.json)")] = None,
+    show_progress: Annotated[bool, typer.Option("--progress/--no-progress", help="rich progress bar")] = True,
+) -> None:
+    """FVD between real and generated videos, StyleGAN-V's protocol as the FVDM reference runs it
+    (fvd2048_16f: I3D features of 2048 clips of 16 frames per set), plus FID of frames with
+    --inception. Writes the value with its protocol fingerprint (clips, frames, subsample
+    factor, seed, detector sha256, resolution) as JSON."""
+    import contextlib
+
+    from fvdm import media
+    from fvdm.build import resolve_device
+    from fvdm.eval import fvd as F
+
+    if (fake is None) == (ckpt is None):
+        fail("give exactly one of --fake DIR (generated videos) and --ckpt PATH (generate them)")
+    dev = resolve_device("auto") if device == "auto" else _device(device)
+    detector = F.load_i3d(i3d, dev)
+    frame_detector = F.load_inception(inception, dev) if inception is not None else None
+    if ckpt is not None:
+        from fvdm.runs import load_run
+
+        loaded = load_run(ckpt, device=str(dev))
+        stride = loaded.cfg.data.frame_stride if subsample is None else subsample
+        gen = F.GeneratedClips(loaded, num_clips=num_clips, num_frames=frames, seed=seed, batch_size=batch_size)
+    else:
+        stride = 1 if subsample is None else subsample
+    real_clips = F.FolderClips(real, role="real", option="--real", num_clips=num_clips, num_frames=frames,
+                               stride=stride, seed=seed, random_start=True, workers=workers)
+    fake_clips = gen if ckpt is not None else F.FolderClips(
+        fake, role="fake", option="--fake", num_clips=num_clips, num_frames=frames, stride=1, seed=seed,
+        random_start=False, workers=workers)
+    if real_clips.skipped:
+        console.print(f"--real: skipped {real_clips.skipped} of {real_clips.found} videos shorter than "
+                      f"{real_clips.min_frames} frames")
+    name = F.metric_name(num_clips, frames)
+    bar = progress() if show_progress else None
+    with bar or contextlib.nullcontext():
+        report = None
+        if bar is not None:
+            tasks = {"real": bar.add_task(f"{name} real clips", total=num_clips),
+                     "fake": bar.add_task(f"{name} {'generated' if ckpt else 'fake'} clips", total=num_clips)}
+            report = lambda role, done, total: bar.update(tasks[role], completed=done)  # noqa: E731
+        result = F.evaluate(real_clips, fake_clips, detector, frame_detector, batch_size=batch_size, seed=seed,
+                            progress=report)
+    if out is None:
+        out = F.default_output(result, F.run_dir_of(loaded.checkpoint) if ckpt is not None else None,
+                               loaded.step if ckpt is not None else None)
+    media.write_json(out, result)
+    for note in result["frechet"]["notes"]:
+        console.print(f"note: {note}")
+    line = f"[bold]{result['metric']}[/] = {result['fvd']:.4f}"
+    if "fid" in result:
+        line += f", fid_clip_frames = {result['fid']['value']:.4f}"
+    console.print(f"{line}  (subsample {stride}, seed {seed}, I3D sha256 {detector.sha256[:12]}); written to {out}")
+
+
 def main() -> None:
     """Entry point: user errors (bad file, bad option, corrupt checkpoint) become one line on
     stderr and exit status 2, never a traceback."""
