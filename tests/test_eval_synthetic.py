@@ -14,7 +14,15 @@ import torch
 from fvdm.config import load_config
 from fvdm.data import MovingSprites
 from fvdm.errors import UserError
-from fvdm.eval.synthetic import _extension_metrics, _interpolation_metrics, evaluate_synthetic, psnr, ssim
+from fvdm.eval.synthetic import (
+    _extension_metrics,
+    _interpolation_metrics,
+    evaluate_synthetic,
+    proxy_fvd,
+    proxy_network,
+    psnr,
+    ssim,
+)
 from fvdm.runs import load_run
 from fvdm.train.trainer import train
 from test_cli import TINY, cli
@@ -112,3 +120,19 @@ def test_eval_synthetic_rejects_non_sprite_runs(tiny_run):
 def test_eval_synthetic_bad_task(tiny_run, capsys):
     code, _, err = cli(capsys, "eval", "synthetic", "--run", str(tiny_run), "--tasks", "unconditional,warp")
     assert code == 2 and "warp" in err and len(err.strip().splitlines()) == 1
+
+
+def test_proxy_fvd_separates_real_from_wrong_videos():
+    ds = MovingSprites(num_videos=96, num_frames=8, size=16, max_sprites=1, sprite_size=(0.3, 0.4), seed=3)
+    a = torch.stack([ds[i] for i in range(32)])
+    b = torch.stack([ds[i] for i in range(32, 64)])
+    static = a[:, :1].expand_as(a)  # right frames, no motion
+    shuffled = a[:, torch.tensor([3, 0, 6, 1, 7, 2, 5, 4])]  # right frames, wrong order
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(a.shape, generator=g) * 2 - 1
+    same = proxy_fvd(b, a)
+    assert 3 * same < proxy_fvd(static, a) and 3 * same < proxy_fvd(shuffled, a) and 3 * same < proxy_fvd(noise, a)
+    assert proxy_fvd(a, a) == pytest.approx(0.0, abs=1e-9)
+    # the same network on every call (fixed seed), so numbers compare across runs
+    x = torch.cat([a[:2], a[:2]], dim=2).transpose(1, 2)
+    assert torch.equal(proxy_network(3)(x), proxy_network(3)(x))
