@@ -403,6 +403,28 @@ def test_replacement_conditioning_renoises_given_frames_to_the_current_time(meth
         assert torch.equal(t[:, 0], sch.model_time(torch.full_like(t[:, 0], sch.clean_time)))
 
 
+@pytest.mark.parametrize("objective", ["eps", "v", "x0", "flow"])
+def test_clip_x0_clamps_the_estimate_and_keeps_eps_consistent(objective):
+    """A single step to the clean time returns the x0 estimate itself (DDIM and Euler alike),
+    so with clip_x0 it must be exactly the clamped unclipped estimate."""
+    flow = objective == "flow"
+    sch = FlowSchedule() if flow else ddpm_schedule("cosine")
+    S = torch.tensor([[0.7] * 5, [0.0] * 5], dtype=torch.float64) if flow else torch.tensor([[600] * 5, [-1] * 5])
+    x = 3.0 * torch.randn(SHAPE, generator=gen(0))  # big values: the estimates leave [-1, 1]
+    kw = dict(method="euler" if flow else "ddim", objective=objective, backend="reference")
+    fake = FakeDenoiser(dtype=torch.float32)
+
+    def model(x, t):  # scaled so an x0 prediction leaves [-1, 1] too
+        return 3.0 * fake(x, t)
+
+    free = sample(model, sch, S, x_init=x.clone(), **kw)
+    assert free.abs().max() > 1.5
+    clipped = sample(model, sch, S, x_init=x.clone(), clip_x0=1.0, **kw)
+    assert torch.allclose(clipped, free.clamp(-1, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="clip_x0"):
+        sample(FakeDenoiser(), sch, S, x_init=x.clone(), clip_x0=0.0, **kw)
+
+
 def test_unknown_conditioning_is_rejected():
     S, held = unconditional(ddpm_ladder(2), 3)
     with pytest.raises(ValueError, match="conditioning"):

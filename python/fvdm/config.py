@@ -99,6 +99,7 @@ class SampleConfig:
     method: str | None = None  # ddpm | ddim | euler; None: ddim for DDPM schedules, euler for flow
     steps: int = 50
     eta: float = 0.0
+    clip_x0: float | None = None  # clamp each step's x0 estimate to [-c, c]; None (the reference): no clamp
     guidance_scale: float = 1.0
     num_videos: int = 4
     use_ema: bool = True
@@ -128,6 +129,9 @@ class Config:
         _check_choice("model.backend", self.model.backend, ("fused", "reference", "auto"))
         if self.sample.method is not None:
             _check_choice("sample.method", self.sample.method, ("ddpm", "ddim", "euler"))
+        if self.sample.clip_x0 is not None and not self.sample.clip_x0 > 0:
+            raise UserError(f"sample.clip_x0 must be a positive bound (1.0 for pixels in [-1, 1]) or null, "
+                            f"got {self.sample.clip_x0!r}")
         flow = self.diffusion.schedule == "flow"
         if flow != (self.diffusion.objective == "flow"):
             raise UserError("diffusion.objective 'flow' goes with diffusion.schedule 'flow' and only with it "

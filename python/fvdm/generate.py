@@ -109,7 +109,8 @@ def generate(
     g = torch.Generator(device).manual_seed(seed)
     ladder = ladder_for(schedule, steps)
     kwargs = dict(method=method, objective=cfg.diffusion.objective, eta=eta, learn_sigma=cfg.model.learn_sigma,
-                  generator=g, device=device, backend=model.backend, conditioning=conditioning)
+                  generator=g, device=device, backend=model.backend, conditioning=conditioning,
+                  clip_x0=cfg.sample.clip_x0 if cfg.data.vae is None else None)  # latents are not in [-1, 1]
 
     def given() -> torch.Tensor:
         """The conditioning frames in model space, (num_videos, k, C, H, W)."""

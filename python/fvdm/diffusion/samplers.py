@@ -124,6 +124,7 @@ def sample(
     held: torch.Tensor | None = None,
     x0_held: torch.Tensor | None = None,
     conditioning: str = "hold",
+    clip_x0: float | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -137,8 +138,12 @@ def sample(
     method: "ddpm" | "ddim" (DDPM schedule, default "ddim") or "euler" (flow, the default
     there). held / x0_held: the given frames and their clean values, entering as `conditioning`
     says (CONDITIONING; with "replace" their columns of S must follow the ladder like the
-    others). They are exactly x0_held in the result. Returns x (B, F, C, H, W)."""
+    others). They are exactly x0_held in the result. clip_x0: clamp each step's x0 estimate
+    to [-clip_x0, clip_x0] (pixel-space data in [-1, 1]: 1.0, as guided-diffusion's
+    clip_denoised; None, the reference's FVD setting, leaves it). Returns x (B, F, C, H, W)."""
     check_objective(objective)
+    if clip_x0 is not None and not clip_x0 > 0:
+        raise ValueError(f"clip_x0 must be a positive bound or None, got {clip_x0!r}")
     if conditioning not in CONDITIONING:
         raise ValueError(f"unknown conditioning {conditioning!r}; choose one of {CONDITIONING}")
     replace = conditioning == "replace"
@@ -186,7 +191,7 @@ def sample(
         moving = t != s
         if bool(moving.any()):
             x = _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops,
-                      x, t, s, moving, generator)
+                      x, t, s, moving, generator, clip_x0)
             if any_held and not replace:  # bit-exact whatever the arithmetic did
                 x = torch.where(per_frame(hold, x), x0_held, x)
         if callback is not None:
@@ -196,7 +201,8 @@ def sample(
     return x
 
 
-def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops, x, t, s, moving, generator):
+def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops, x, t, s, moving, generator,
+          clip_x0=None):
     """One step of the loop for frames at times t (B, F) going to s; frames not moving keep x."""
     B, Fr, C = x.shape[:3]
     out = model_fn(x, schedule.model_time(t))
@@ -216,7 +222,10 @@ def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops
     else:
         w = euler_step(safe_t, safe_s)
     a, sig = schedule.alpha_sigma(safe_t)
-    coeffs = fold_weights(w, prediction_coeffs(objective, a, sig))
+    P = prediction_coeffs(objective, a, sig)
+    if clip_x0 is not None:
+        pred = _clip_prediction(x, pred, P, clip_x0, moving, ops)
+    coeffs = fold_weights(w, P)
     keep = torch.tensor([1.0, 0.0, 0.0], dtype=coeffs.dtype, device=coeffs.device)
     coeffs = torch.where(moving[..., None], coeffs, keep)
     if not bool(torch.isfinite(coeffs).all()):
@@ -236,6 +245,17 @@ def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops
         z = (torch.exp(0.5 * logvar) * z).to(x.dtype)
         coeffs = torch.cat([coeffs[..., :2], noisy[..., None].to(coeffs.dtype)], dim=-1)
     return ops.frame_combine([x, pred, z], coeffs)
+
+
+def _clip_prediction(x, pred, P, bound, moving, ops):
+    """The prediction whose x0 estimate is the clamped one. Every objective's (x0, eps)
+    estimates satisfy x_t = a x0 + s eps, so the replaced prediction moves eps with x0 and the
+    step stays one folded linear combination. Frames not moving keep their prediction."""
+    x0 = ops.frame_combine([x, pred], P[..., 0, :].contiguous()).clamp(-bound, bound)
+    p0, p1 = P[..., 0, 0], P[..., 0, 1]  # x0 = p0 x + p1 pred, p1 != 0 for a frame that moves
+    safe_p1 = torch.where(moving, p1, torch.ones_like(p1))
+    clipped = ops.frame_combine([x0, x], torch.stack([1.0 / safe_p1, -p0 / safe_p1], dim=-1))
+    return torch.where(per_frame(moving, x), clipped, pred)
 
 
 # ----------------------------------------------------------------------------- checks

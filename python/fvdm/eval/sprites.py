@@ -108,11 +108,13 @@ def expected_sprites(dataset) -> int | None:
 
 
 def score_videos(videos: torch.Tensor, expected: int | None = 1, th: Thresholds = Thresholds()) -> dict:
-    """(B, F, C, H, W) -> summary: fraction coherent, and the median of each criterion (medians:
-    one broken video's inf must not hide how the others did)."""
+    """(B, F, C, H, W) -> summary: fraction coherent, the mean fraction of frames showing the
+    expected number of sprites, and the median of each other criterion (medians: one broken
+    video's inf must not hide how the others did)."""
     scores = [score_video(v, expected, th) for v in videos]
-    summary = {"videos": len(scores), "coherent": float(np.mean([s.coherent for s in scores]))}
-    for key in ("frames_with_expected_count", "area_change", "colour_drift", "max_jerk", "motion"):
+    summary = {"videos": len(scores), "coherent": float(np.mean([s.coherent for s in scores])),
+               "frames_with_expected_count": float(np.mean([s.frames_with_expected_count for s in scores]))}
+    for key in ("area_change", "colour_drift", "max_jerk", "motion"):
         summary[key] = float(np.median([asdict(s)[key] for s in scores]))
     summary["per_video"] = [asdict(s) for s in scores]
     return summary
