@@ -95,6 +95,15 @@ def test_sample_with_replacement_conditioning(capsys, run_dir, tmp_path):
     assert (out / "contact_sheet.png").is_file() and (out / "video_000.mp4").is_file()
 
 
+def test_self_conditioning_run_trains_and_samples(capsys, tmp_path):
+    run = tmp_path / "sc"
+    train(load_config("demo_cpu", TINY + ["model.self_condition=true", "sample.clip_x0=1.0"]), run, progress=False)
+    out = tmp_path / "samples"
+    code, _, err = cli(capsys, "sample", "all", "--run", str(run), "--out", str(out), "--no-progress", "--frames", "6")
+    assert code == 0, err
+    assert all((out / task / "contact_sheet.png").is_file() for task in ("unconditional", "i2v", "long"))
+
+
 def test_unknown_config_key_and_bad_option(capsys, tmp_path):
     code, _, err = cli(capsys, "train", "--out", str(tmp_path / "r"), "train.stpes=3")
     assert_one_line_error(code, err, "train.stpes", "steps")

@@ -425,6 +425,64 @@ def test_clip_x0_clamps_the_estimate_and_keeps_eps_consistent(objective):
         sample(FakeDenoiser(), sch, S, x_init=x.clone(), clip_x0=0.0, **kw)
 
 
+class SelfConditionedDenoiser(FakeDenoiser):
+    """FakeDenoiser that also takes x_self (added in, so it changes the output) and records it."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.estimates: list[torch.Tensor] = []
+        self.inputs: list[torch.Tensor] = []
+        self.grad_modes: list[bool] = []
+
+    def __call__(self, x, t, x_self):
+        self.estimates.append(x_self.clone())
+        self.inputs.append(x.clone())
+        self.grad_modes.append(torch.is_grad_enabled())
+        return super().__call__(x + 0.5 * x_self, t)
+
+
+def test_self_conditioning_sampler_feeds_back_the_previous_estimate():
+    sch = ddpm_schedule("cosine")
+    ladder = ddpm_ladder(6)
+    S, held = keyframes(ladder, 5, [2])
+    x0_held = torch.randn(SHAPE, generator=gen(0))
+    model = SelfConditionedDenoiser(dtype=torch.float32)
+    sample(model, sch, S, shape=SHAPE, method="ddpm", objective="v", held=held, x0_held=x0_held,
+           self_condition=True, generator=gen(1), backend="reference")
+    first = model.estimates[0]
+    assert torch.equal(first[:, 2], x0_held[:, 2]) and torch.equal(first[:, ~held], torch.zeros_like(first[:, ~held]))
+    ops = get_backend("reference")
+    for i in range(len(model.estimates) - 1):  # step i + 1 sees step i's x0 estimate
+        x, t = model.inputs[i], S[i]
+        pred = FakeDenoiser.__call__(model, x + 0.5 * model.estimates[i], sch.model_time(t).expand(2, 5))
+        a, s = sch.alpha_sigma(t.expand(2, 5))
+        x0_hat = ops.frame_combine([x, pred], prediction_coeffs("v", a, s)[..., 0, :].contiguous())
+        nxt = model.estimates[i + 1]
+        assert torch.allclose(nxt[:, ~held], x0_hat[:, ~held], atol=1e-5)
+        assert torch.equal(nxt[:, held], x0_held[:, held])
+
+
+def test_self_conditioning_loss_makes_a_no_grad_first_pass_for_chosen_clips():
+    sch = ddpm_schedule("cosine")
+    x0 = torch.randn(SHAPE, generator=gen(0))
+    t = torch.full((2, 5), 500)
+    w = torch.zeros(1, requires_grad=True)
+
+    model = SelfConditionedDenoiser(dtype=torch.float32)
+    out = diffusion_loss(lambda x, tt, xs: model(x, tt, xs) + w, sch, x0, t, objective="v", generator=gen(1),
+                         self_condition=torch.tensor([True, False]), backend="reference")
+    assert model.grad_modes == [False, True]  # estimate without gradient, then the trained pass
+    est = model.estimates[1]
+    assert torch.equal(est[1], torch.zeros_like(est[1])) and est[0].abs().sum() > 0
+    out.loss.backward()
+    assert w.grad is not None
+    model = SelfConditionedDenoiser(dtype=torch.float32)
+    diffusion_loss(model, sch, x0, t, objective="v", generator=gen(1), self_condition=torch.tensor([False, False]))
+    assert len(model.estimates) == 1 and model.estimates[0].abs().sum() == 0  # no clip chosen: one pass, zeros
+    with pytest.raises(ValueError, match="self_condition"):
+        diffusion_loss(model, sch, x0, t, objective="v", self_condition=torch.tensor([1, 0]))
+
+
 def test_unknown_conditioning_is_rejected():
     S, held = unconditional(ddpm_ladder(2), 3)
     with pytest.raises(ValueError, match="conditioning"):

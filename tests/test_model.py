@@ -194,6 +194,23 @@ def test_class_labels_and_dropout():
         model(x, t)
 
 
+def test_self_conditioning_input():
+    """A self-conditioning model reads x_self (zeros when not given); others refuse it."""
+    model = make(depth=2, self_condition=True).eval()
+    assert model.x_embedder.proj.in_channels == 2 * 3
+    x, t = inputs()
+    g = torch.Generator().manual_seed(5)
+    est = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        plain, zeros, given = model(x, t), model(x, t, None, torch.zeros_like(x)), model(x, t, None, est)
+    torch.testing.assert_close(plain, zeros)
+    assert (given - plain).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="x_self must have the shape"):
+        model(x, t, None, est[:, :2])
+    with pytest.raises(ValueError, match="self_condition=False"):
+        make(depth=1)(x, t, None, est)
+
+
 def test_bad_inputs_name_the_argument():
     model = latte("T/2", backend="reference", **TINY)
     x, t = inputs()

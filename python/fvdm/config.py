@@ -40,6 +40,7 @@ class ModelConfig:
     learn_sigma: bool = False  # the official recipe learns the variance (DDPM only)
     learned_pos_embed: bool = True
     grad_checkpointing: bool = False
+    self_condition: bool = False  # also feed the previous clean estimate (Chen et al. 2022); 2 passes on half the clips
     backend: str = "auto"  # fused | reference | auto (fused kernels when built)
 
 

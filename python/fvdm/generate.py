@@ -110,6 +110,7 @@ def generate(
     ladder = ladder_for(schedule, steps)
     kwargs = dict(method=method, objective=cfg.diffusion.objective, eta=eta, learn_sigma=cfg.model.learn_sigma,
                   generator=g, device=device, backend=model.backend, conditioning=conditioning,
+                  self_condition=model.config.self_condition,
                   clip_x0=cfg.sample.clip_x0 if cfg.data.vae is None else None)  # latents are not in [-1, 1]
 
     def given() -> torch.Tensor:
@@ -187,7 +188,7 @@ def _model_fn(model, cfg: Config, batch: int, labels, guidance_scale, device):
     if model.config.num_classes == 0:
         if labels is not None:
             raise UserError("labels were given but the model is unconditional")
-        return lambda x, t: model(x, t)
+        return lambda x, t, *x_self: model(x, t, None, *x_self)
     if labels is None:  # class-conditional: classes 0, 1, 2, ... in turn
         labels = torch.arange(batch) % model.config.num_classes
     y = torch.as_tensor(labels, device=device).reshape(-1)

@@ -100,6 +100,22 @@ def vb_term(
     return torch.where(t == 0, nll, kl)
 
 
+def _self_condition_input(model_fn, schedule, x_t, model_t, t, use, objective, C, ops) -> torch.Tensor:
+    """x_self for the training pass: the model's own x0 estimate (no gradient) for clips in
+    `use`, zeros for the others."""
+    x_self = torch.zeros_like(x_t)
+    use = use.to(x_t.device)
+    if use.shape != (x_t.shape[0],) or use.dtype != torch.bool:
+        raise ValueError(f"self_condition must be a ({x_t.shape[0]},) bool mask, got {tuple(use.shape)} {use.dtype}")
+    if bool(use.any()):
+        with torch.no_grad():
+            first = model_fn(x_t, model_t, x_self)[:, :, :C].to(x_t.dtype)
+            a, s = schedule.alpha_sigma(t)
+            x0_hat = ops.frame_combine([x_t, first], prediction_coeffs(objective, a, s)[..., 0, :].contiguous())
+        x_self = torch.where(use.view(-1, *([1] * (x_t.dim() - 1))), x0_hat, x_self)
+    return x_self
+
+
 def diffusion_loss(
     model_fn: ModelFn,
     schedule: Schedule,
@@ -112,6 +128,7 @@ def diffusion_loss(
     held: torch.Tensor | None = None,
     frame_weights: torch.Tensor | None = None,
     learn_sigma: bool = False,
+    self_condition: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> LossOutput:
     """Loss of model_fn on clean clips x0 (B, F, C, H, W) at per-frame times t (B, F) (or (B,)).
@@ -119,7 +136,10 @@ def diffusion_loss(
     noise: eps, drawn from generator if not given. held: (B, F) or (F,) bool, frames given
     clean (time = clean) and left out of the loss. frame_weights: (B, F) non-negative weights.
     learn_sigma: the model outputs 2C channels (prediction, variance values); adds the VB term
-    (DDPM only)."""
+    (DDPM only). self_condition: for a self-conditioning model, model_fn(x_t, t, x_self); a (B,)
+    bool mask of the clips that first get the model's own x0 estimate (a no-grad pass with
+    zeros), the others get zeros (Chen et al. 2022 draw it with probability 1/2). None: the
+    model takes no estimate."""
     check_objective(objective)
     ops = get_backend(backend)
     if x0.dim() < 3:
@@ -158,8 +178,12 @@ def diffusion_loss(
         x_t = torch.where(per_frame(held, x0), x0, x_t)
         model_t = torch.where(held, schedule.model_time(torch.full_like(t, schedule.clean_time)), model_t)
 
-    out = model_fn(x_t, model_t)
     C = x0.shape[2]
+    if self_condition is None:
+        out = model_fn(x_t, model_t)
+    else:
+        out = model_fn(x_t, model_t, _self_condition_input(model_fn, schedule, x_t, model_t, t, self_condition,
+                                                           objective, C, ops))
     expected = 2 * C if learn_sigma else C
     if out.shape[:2] != (B, Fr) or out.shape[2] != expected or out.shape[3:] != x0.shape[3:]:
         raise ValueError(f"model output has shape {tuple(out.shape)}, expected {(B, Fr, expected, *x0.shape[3:])}")

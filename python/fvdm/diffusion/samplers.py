@@ -125,6 +125,7 @@ def sample(
     x0_held: torch.Tensor | None = None,
     conditioning: str = "hold",
     clip_x0: float | None = None,
+    self_condition: bool = False,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -140,7 +141,9 @@ def sample(
     says (CONDITIONING; with "replace" their columns of S must follow the ladder like the
     others). They are exactly x0_held in the result. clip_x0: clamp each step's x0 estimate
     to [-clip_x0, clip_x0] (pixel-space data in [-1, 1]: 1.0, as guided-diffusion's
-    clip_denoised; None, the reference's FVD setting, leaves it). Returns x (B, F, C, H, W)."""
+    clip_denoised; None, the reference's FVD setting, leaves it). self_condition: the model
+    takes model_fn(x, t, x_self), x_self the previous step's x0 estimate (zeros at first; the
+    clean values for held frames). Returns x (B, F, C, H, W)."""
     check_objective(objective)
     if clip_x0 is not None and not clip_x0 > 0:
         raise ValueError(f"clip_x0 must be a positive bound or None, got {clip_x0!r}")
@@ -179,6 +182,9 @@ def sample(
     clean = torch.full((B, Fr), schedule.clean_time, dtype=S.dtype, device=x.device)
 
     any_held = bool(hold.any())
+    x_self = None
+    if self_condition:
+        x_self = torch.where(per_frame(hold, x), x0_held, torch.zeros_like(x)) if any_held else torch.zeros_like(x)
     for i in range(steps):
         if replace:
             t, s = S[i], S[i + 1]
@@ -190,8 +196,8 @@ def sample(
             s = torch.where(hold, clean, S[i + 1])
         moving = t != s
         if bool(moving.any()):
-            x = _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops,
-                      x, t, s, moving, generator, clip_x0)
+            x, x_self = _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops,
+                              x, t, s, moving, generator, clip_x0, x_self)
             if any_held and not replace:  # bit-exact whatever the arithmetic did
                 x = torch.where(per_frame(hold, x), x0_held, x)
         if callback is not None:
@@ -202,10 +208,11 @@ def sample(
 
 
 def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops, x, t, s, moving, generator,
-          clip_x0=None):
-    """One step of the loop for frames at times t (B, F) going to s; frames not moving keep x."""
+          clip_x0=None, x_self=None):
+    """One step of the loop for frames at times t (B, F) going to s; frames not moving keep x.
+    Returns (x at s, the x0 estimate for self-conditioning or None)."""
     B, Fr, C = x.shape[:3]
-    out = model_fn(x, schedule.model_time(t))
+    out = model_fn(x, schedule.model_time(t)) if x_self is None else model_fn(x, schedule.model_time(t), x_self)
     expected = 2 * C if learn_sigma else C
     if out.shape[:3] != (B, Fr, expected) or out.shape[3:] != x.shape[3:]:
         raise ValueError(f"model output has shape {tuple(out.shape)}, expected {(B, Fr, expected, *x.shape[3:])}")
@@ -225,6 +232,9 @@ def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops
     P = prediction_coeffs(objective, a, sig)
     if clip_x0 is not None:
         pred = _clip_prediction(x, pred, P, clip_x0, moving, ops)
+    if x_self is not None:  # frames that stay put keep their earlier estimate
+        x0_hat = ops.frame_combine([x, pred], P[..., 0, :].contiguous())
+        x_self = torch.where(per_frame(moving, x), x0_hat, x_self)
     coeffs = fold_weights(w, P)
     keep = torch.tensor([1.0, 0.0, 0.0], dtype=coeffs.dtype, device=coeffs.device)
     coeffs = torch.where(moving[..., None], coeffs, keep)
@@ -234,7 +244,7 @@ def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops
 
     noisy = moving & (coeffs[..., 2] > 0)
     if not bool(noisy.any()):
-        return ops.frame_combine([x, pred], coeffs[..., :2].contiguous())
+        return ops.frame_combine([x, pred], coeffs[..., :2].contiguous()), x_self
     z = randn_like_shape(x.shape, generator, x.device, x.dtype)
     if method == "ddpm" and learn_sigma:
         # per-element std from the variance channels: scale z here, weight it 1 where noisy
@@ -244,7 +254,7 @@ def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops
         logvar = frac * per_frame(max_log.to(ct), frac) + (1 - frac) * per_frame(min_log.to(ct), frac)
         z = (torch.exp(0.5 * logvar) * z).to(x.dtype)
         coeffs = torch.cat([coeffs[..., :2], noisy[..., None].to(coeffs.dtype)], dim=-1)
-    return ops.frame_combine([x, pred, z], coeffs)
+    return ops.frame_combine([x, pred, z], coeffs), x_self
 
 
 def _clip_prediction(x, pred, P, bound, moving, ops):

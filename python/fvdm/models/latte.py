@@ -45,6 +45,9 @@ class LatteConfig:
     # same sin-cos values, as DESIGN.md asks; False reproduces the official fixed buffers.
     learned_pos_embed: bool = True
     grad_checkpointing: bool = False
+    # Self-conditioning (Chen et al. 2022, "Analog Bits"): the network also sees an earlier
+    # estimate of the clean frames (zeros when there is none), concatenated to x by channel.
+    self_condition: bool = False
 
     @property
     def out_channels(self) -> int:
@@ -227,7 +230,8 @@ class Latte(nn.Module):
         D = config.hidden_size
         self.set_backend(backend)
 
-        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
+        embed_channels = config.in_channels * (2 if config.self_condition else 1)
+        self.x_embedder = PatchEmbed(config.patch_size, embed_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = (
             LabelEmbedder(config.num_classes, D, config.class_dropout_prob) if config.num_classes > 0 else None
@@ -298,7 +302,11 @@ class Latte(nn.Module):
             raise ValueError("y was given but the model is unconditional (num_classes = 0)")
         return c
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                x_self: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, F, C, H, W) noisy frames, t (B, F) or (B,) model times, y (B,) labels,
+        x_self: the earlier clean estimate (shape of x) for a self-conditioning model (None:
+        zeros). Returns (B, F, C_out, H, W)."""
         cfg = self.config
         if x.dim() != 5 or x.shape[2] != cfg.in_channels or x.shape[3:] != (cfg.input_size, cfg.input_size):
             raise ValueError(
@@ -311,6 +319,14 @@ class Latte(nn.Module):
         if t.shape not in ((B,), (B, Fr)):
             raise ValueError(f"t must have shape ({B}, {Fr}) or ({B},), got {tuple(t.shape)}")
 
+        if cfg.self_condition:
+            if x_self is None:
+                x_self = torch.zeros_like(x)
+            elif x_self.shape != x.shape:
+                raise ValueError(f"x_self must have the shape of x {tuple(x.shape)}, got {tuple(x_self.shape)}")
+            x = torch.cat([x, x_self.to(x.dtype)], dim=2)
+        elif x_self is not None:
+            raise ValueError("x_self was given but the model has self_condition=False")
         c = self.conditioning(t, y, Fr)  # (B, F, D)
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, F, N, D)
         for i, block in enumerate(self.blocks):

@@ -203,6 +203,8 @@ class Trainer:
                              mode=cfg.diffusion.ptss_mode, generator=g, noise_bias=cfg.diffusion.noise_bias)[lo:hi]
         noise = torch.randn((B, *x0.shape[1:]), generator=g, dtype=x0.dtype)[lo:hi]
         drop = torch.rand(B, generator=g)[lo:hi] < cfg.model.class_dropout_prob
+        # self-conditioning pass for half the clips (drawn only then: older runs keep their streams)
+        self_cond = (torch.rand(B, generator=g)[lo:hi] < 0.5).to(self.device) if cfg.model.self_condition else None
         x0, t, noise = x0.to(self.device), t.to(self.device), noise.to(self.device)
         if y is not None:
             y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y).to(self.device)
@@ -213,9 +215,9 @@ class Trainer:
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if tc.precision == "bf16"
                     else nullcontext())
         with autocast:
-            out = diffusion_loss(lambda x, tt: self.ddp(x, tt, y), self.schedule, x0, t,
-                                 objective=cfg.diffusion.objective, noise=noise,
-                                 learn_sigma=cfg.model.learn_sigma, backend=self.model.backend)
+            out = diffusion_loss(lambda x, tt, *x_self: self.ddp(x, tt, y, *x_self), self.schedule, x0, t,
+                                 objective=cfg.diffusion.objective, noise=noise, learn_sigma=cfg.model.learn_sigma,
+                                 self_condition=self_cond, backend=self.model.backend)
         loss = out.loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower train.lr or set train.grad_clip")
