@@ -132,6 +132,22 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_max_minutes_stops_with_a_checkpoint_and_resume_trains_the_rest(tmp_path):
+    """train.max_minutes: a budget per invocation. The run stops at it with a checkpoint, exit
+    status 0 (the demo goes on to sample), and --resume continues to train.steps."""
+    run = tmp_path / "run"
+    args = TINY + ["train.steps=40", "train.ckpt_every=1000", "train.max_minutes=0.02"]  # 1.2 s
+    r = run_cli("train", "--no-progress", "--out", str(run), *args, env_extra={"FVDM_TEST_STEP_DELAY": "0.2"})
+    assert r.returncode == 0, r.stderr
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1 and "step_000000001" <= ckpts[0].name < "step_000000040"
+    assert "max_minutes" in r.stdout + r.stderr
+    r = run_cli("train", "--no-progress", "--out", str(run), "--resume", *TINY, "train.steps=40",
+                "train.ckpt_every=1000")
+    assert r.returncode == 0, r.stderr
+    assert sorted((run / "checkpoints").glob("step_*"))[-1].name == "step_000000040"
+
+
 def test_ddp_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo), global batch 4 == one process with batch 4."""
     args = TINY + ["train.steps=3", "train.ckpt_every=3", "train.precision=fp32"]

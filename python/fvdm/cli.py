@@ -282,6 +282,9 @@ def train(
     if result.interrupted:
         console.print(f"stopped by {result.interrupted} at step {result.step}; checkpoint {result.checkpoint}")
         raise typer.Exit(code=130 if result.interrupted == "SIGINT" else 143)
+    if result.time_limited:
+        console.print(f"train.max_minutes={cfg.train.max_minutes} reached: stopped at step {result.step} of "
+                      f"{cfg.train.steps} (--resume trains the rest)")
     console.print(f"trained to step {result.step}: checkpoint [bold]{result.checkpoint}[/], "
                   f"loss curve {run_dir / 'loss.png'}, samples {run_dir / 'samples'}")
     if sample_after:

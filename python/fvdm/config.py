@@ -93,6 +93,7 @@ class TrainConfig:
     sample_every: int = 0  # write a sample grid every N steps (0: only at the end)
     sample_videos: int = 4
     sample_steps: int = 25
+    max_minutes: float | None = None  # stop (with a checkpoint) after this much training in one invocation
 
 
 @dataclass
@@ -130,6 +131,8 @@ class Config:
         _check_choice("model.backend", self.model.backend, ("fused", "reference", "auto"))
         if self.sample.method is not None:
             _check_choice("sample.method", self.sample.method, ("ddpm", "ddim", "euler"))
+        if self.train.max_minutes is not None and not self.train.max_minutes > 0:
+            raise UserError(f"train.max_minutes must be a positive number of minutes or null, got {self.train.max_minutes!r}")
         if self.sample.clip_x0 is not None and not self.sample.clip_x0 > 0:
             raise UserError(f"sample.clip_x0 must be a positive bound (1.0 for pixels in [-1, 1]) or null, "
                             f"got {self.sample.clip_x0!r}")

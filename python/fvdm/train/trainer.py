@@ -81,6 +81,7 @@ class TrainResult:
     step: int
     checkpoint: Path | None
     interrupted: str | None = None  # name of the signal that stopped the run early
+    time_limited: bool = False  # stopped at train.max_minutes before train.steps
 
 
 class Trainer:
@@ -240,6 +241,8 @@ class Trainer:
             with self._progress_bar() as bar:
                 task = bar.add_task("train", total=tc.steps, completed=self.step, loss=float("nan"))
                 window_t0, window_steps = time.perf_counter(), 0
+                deadline = time.monotonic() + 60.0 * tc.max_minutes if tc.max_minutes else math.inf
+                time_limited = False
                 while self.step < tc.steps:
                     self.model.train()
                     stats = self.train_step(self.step)
@@ -258,7 +261,9 @@ class Trainer:
                         bar.update(task, loss=record["loss"])
                     bar.update(task, completed=self.step)
                     stop = D.any_flag(self._stop_signal is not None, self.world, self.device)
-                    if self.step % tc.ckpt_every == 0 or self.step == tc.steps or stop:
+                    time_limited = tc.max_minutes is not None and D.any_flag(time.monotonic() > deadline, self.world,
+                                                                             self.device)
+                    if self.step % tc.ckpt_every == 0 or self.step == tc.steps or stop or time_limited:
                         last_ckpt = self.save()
                         self._write_plots(metrics_path)
                     if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
@@ -267,10 +272,14 @@ class Trainer:
                         self._log(f"{self._stop_signal or 'signal'}: saved {last_ckpt} at step {self.step}; "
                                   f"continue with --resume")
                         return TrainResult(self.run_dir, self.step, last_ckpt, self._stop_signal or "signal")
+                    if time_limited:
+                        self._log(f"train.max_minutes={tc.max_minutes} reached at step {self.step} of {tc.steps}: "
+                                  f"saved {last_ckpt}; --resume trains the rest")
+                        break
             if last_ckpt is None:  # resumed a finished run: nothing to do
                 last_ckpt = find_latest(self.run_dir)
             self.preview()
-            return TrainResult(self.run_dir, self.step, last_ckpt)
+            return TrainResult(self.run_dir, self.step, last_ckpt, time_limited=time_limited)
         finally:
             self._restore_signal_handlers(handlers)
 
