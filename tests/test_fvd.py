@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +15,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fvdm import media
-from fvdm.cli import main
 from fvdm.errors import UserError
 from fvdm.eval.frechet import FeatureStats, frechet_distance, frechet_from_stats
 from fvdm.eval.fvd import FolderClips, evaluate, load_i3d, load_inception
+from test_cli import cli
 
-torch.set_num_threads(1)
 # torch >= 2.10 deprecates TorchScript; the I3D of the FVD protocol is a TorchScript file
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 
@@ -334,20 +332,6 @@ def test_frames_of_different_sizes_in_one_set_are_an_error(nets, tmp_path):
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["fvdm", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code: int, err: str, *words: str) -> None:
