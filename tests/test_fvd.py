@@ -409,3 +409,16 @@ def test_cli_bad_inputs_give_one_line_errors(capsys, nets, folders, tmp_path):
         code, _, err = cli(capsys, *base, *args)
         assert_one_line_error(code, err, *words)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_allow_fewer_real_uses_every_real_video_once(capsys, nets, folders, tmp_path):
+    """--allow-fewer-real: the reference's behaviour for small datasets (FaceForensics), with
+    the real count recorded; without it the same call is an error (see the bad-input test)."""
+    fake = write_videos(tmp_path / "fake10", 10, 6, seed=2)
+    out = tmp_path / "fvd.json"
+    code, _, err = cli(capsys, "eval", "fvd", "--real", str(folders["real"]), "--fake", str(fake), "--i3d",
+                       str(nets["i3d"]), "--num-clips", "10", "--frames", "4", "--allow-fewer-real", "--device", "cpu",
+                       "--no-progress", "--out", str(out))
+    assert code == 0, err
+    p = json.loads(out.read_text())["protocol"]
+    assert (p["num_clips"], p["num_real_clips"]) == (10, 8)

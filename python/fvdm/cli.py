@@ -482,6 +482,9 @@ def eval_fvd(
     seed: Annotated[int, typer.Option(help="seed of the video choice, clip starts and generation (recorded)")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="clips per detector (and generation) batch")] = 8,
     workers: Annotated[int, typer.Option(min=0, help="threads decoding videos (0: in the main thread)")] = 4,
+    allow_fewer_real: Annotated[bool, typer.Option("--allow-fewer-real", help="use every usable real video once "
+                                                   "when there are fewer than --num-clips (the reference does so "
+                                                   "silently, e.g. FaceForensics); recorded in the JSON")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     out: Annotated[Path | None, typer.Option(help="result JSON (default <run>/eval/<metric>_step<N>.json with --ckpt, "
                                                   "else ./<metric>.json)")] = None,
@@ -511,7 +514,8 @@ def eval_fvd(
     else:
         stride = 1 if subsample is None else subsample
     real_clips = F.FolderClips(real, role="real", option="--real", num_clips=num_clips, num_frames=frames,
-                               stride=stride, seed=seed, random_start=True, workers=workers)
+                               stride=stride, seed=seed, random_start=True, workers=workers,
+                               allow_fewer=allow_fewer_real)
     fake_clips = gen if ckpt is not None else F.FolderClips(
         fake, role="fake", option="--fake", num_clips=num_clips, num_frames=frames, stride=1, seed=seed,
         random_start=False, workers=workers)

@@ -177,10 +177,13 @@ class FolderClips(ClipSource):
     (random_start False, stride 1): the first num_frames frames; a shorter video is an error
     (the reference fails on it too). num_clips videos are chosen at random, seeded, without
     replacement; fewer eligible videos than num_clips is an error (a number from fewer clips
-    is not the metric its name says)."""
+    is not the metric its name says), unless allow_fewer: then every eligible video is used
+    once, as the reference does silently (FaceForensics has ~700 training videos), and the
+    result records how many."""
 
     def __init__(self, root: str | Path, *, role: str, option: str, num_clips: int, num_frames: int = 16,
-                 stride: int = 1, seed: int = 0, random_start: bool = True, workers: int = 0) -> None:
+                 stride: int = 1, seed: int = 0, random_start: bool = True, workers: int = 0,
+                 allow_fewer: bool = False) -> None:
         from fvdm.data import FrameFolders, VideoFolder
         from fvdm.data.images import IMAGE_EXTENSIONS
         from fvdm.data.video_folder import VIDEO_EXTENSIONS
@@ -215,6 +218,10 @@ class FolderClips(ClipSource):
             short = next((p, n) for p, n in sources if n < self.min_frames)
             raise UserError(f"{option}: {self.skipped} of {self.found} videos are shorter than {num_frames} frames "
                             f"(e.g. {short[0]}: {short[1]}); FVD takes the first {num_frames} frames of each")
+        if len(eligible) < num_clips and allow_fewer and eligible:
+            warnings.warn(f"{option} {self.root}: only {len(eligible)} usable videos for --num-clips {num_clips}; "
+                          "using each once (--allow-fewer-real, as the reference does)", stacklevel=2)
+            num_clips = self.num_clips = len(eligible)
         if len(eligible) < num_clips:
             why = (f" ({self.skipped} have fewer than {num_frames} x {stride} = {self.min_frames} frames)"
                    if self.skipped else "")
@@ -399,15 +406,16 @@ def evaluate(real: ClipSource, fake: ClipSource, i3d: Detector, inception: Detec
              batch_size: int = 8, seed: int = 0, progress: Progress | None = None) -> dict:
     """FVD (and FID of frames) between two clip sources; the result dict carries the protocol
     fingerprint (what a reader needs to know whether two numbers are comparable)."""
-    if real.num_clips != fake.num_clips or real.num_frames != fake.num_frames:
-        raise UserError(f"real and fake sets differ: {real.num_clips} vs {fake.num_clips} clips, "
-                        f"{real.num_frames} vs {fake.num_frames} frames")
+    if real.num_frames != fake.num_frames:
+        raise UserError(f"real and fake clips differ in length: {real.num_frames} vs {fake.num_frames} frames")
+    if real.num_clips > fake.num_clips:
+        raise UserError(f"more real clips ({real.num_clips}) than fake ones ({fake.num_clips})")
     t0 = time.time()
     real_f = clip_features(real, i3d, inception, batch_size, progress)
     fake_f = clip_features(fake, i3d, inception, batch_size, progress)
     fvd = frechet_from_stats(real_f.video, fake_f.video)
     reference = _reference_value(real_f.video, fake_f.video)
-    name = metric_name(real.num_clips, real.num_frames)
+    name = metric_name(fake.num_clips, fake.num_frames)
     real_d, fake_d = real.describe(), fake.describe()
     result = {
         "metric": name,
@@ -417,7 +425,8 @@ def evaluate(real: ClipSource, fake: ClipSource, i3d: Detector, inception: Detec
         "protocol": {
             "name": name,
             "reference": "StyleGAN-V FVD as run by the FVDM code (tools/metrics/frechet_video_distance.py)",
-            "num_clips": real.num_clips,
+            "num_clips": fake.num_clips,
+            "num_real_clips": real.num_clips,  # fewer than num_clips only with --allow-fewer-real
             "frames": real.num_frames,
             "subsample_factor": real_d["subsample_factor"],
             "fake_subsample_factor": fake_d["subsample_factor"],
