@@ -74,7 +74,7 @@ def test_sample_every_task_writes_outputs(capsys, run_dir, tmp_path):
     for task in ("unconditional", "i2v", "interpolate", "extend", "long", "rolling"):
         files = {p.name for p in (out / task).iterdir()}
         assert {"contact_sheet.png", "schedule.png", "video_000.mp4", "video_000.gif"} <= files, (task, files)
-    assert stdout.count("sprite tracker:") == 6  # sprite runs say how many videos read as coherent
+    assert stdout.count("sprite tracker reads") == 6  # sprite runs say how many videos read as coherent
     from PIL import Image
 
     sheet = np.asarray(Image.open(out / "long" / "contact_sheet.png"))

@@ -373,11 +373,13 @@ def sample(
         task_dir = (base / name) if (task == "all" or out is None) else base
         written = write_outputs(task_dir, result, fps=cfg.sample.fps)
         console.print(f"[bold]{name}[/]: {result.video.shape[0]} videos of {result.video.shape[1]} frames -> "
-                      f"{task_dir}/ (contact_sheet.png, schedule.png, {len(written['videos'])} mp4/gif)"
-                      + _sprite_summary(cfg, result.video))
+                      f"{task_dir}/ (contact_sheet.png, schedule.png, {len(written['videos'])} mp4/gif)")
+        summary = _sprite_summary(cfg, result.video, name)
+        if summary:  # its own short line: never wrapped apart
+            console.print(summary)
 
 
-def _sprite_summary(cfg, videos: torch.Tensor) -> str:
+def _sprite_summary(cfg, videos: torch.Tensor, name: str) -> str:
     """For runs on the built-in sprites: how many videos the sprite tracker reads as coherent."""
     if cfg.data.kind != "sprites":
         return ""
@@ -385,7 +387,7 @@ def _sprite_summary(cfg, videos: torch.Tensor) -> str:
     from fvdm.runs import held_out_dataset
 
     n = score_videos(videos, expected=expected_sprites(held_out_dataset(cfg, cfg.data.num_frames)))
-    return f"; sprite tracker: {round(n['coherent'] * len(videos))}/{len(videos)} coherent"
+    return f"  {name}: sprite tracker reads {round(n['coherent'] * len(videos))}/{len(videos)} videos as coherent"
 
 
 @eval_app.command("loss")
