@@ -121,7 +121,8 @@ def load_detector(path: str | Path, device: torch.device | str = "cpu", option: 
     try:
         with warnings.catch_warnings():
             # torch >= 2.10 deprecates TorchScript, but the protocol's I3D is a TorchScript file
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            # (its category differs across torch versions: match the message)
+            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
             module = torch.jit.load(str(path), map_location=device)
     except Exception as e:  # torch raises RuntimeError, ValueError, pickle errors... for a bad file
         raise UserError(f"{option} {path} is not a TorchScript file ({_first_line(e)}); give {expects}") from None
