@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from fvdm.diffusion.objectives import check_objective, prediction_coeffs, training_target
+from fvdm.diffusion.objectives import check_objective, prediction_coeffs, training_target, x0_estimate
 from fvdm.diffusion.schedules import DDPMSchedule, Schedule
 from fvdm.diffusion._common import held_mask, per_frame, randn_like_shape
 from fvdm.ops import get_backend
@@ -111,7 +111,7 @@ def _self_condition_input(model_fn, schedule, x_t, model_t, t, use, objective, C
         with torch.no_grad():
             first = model_fn(x_t, model_t, x_self)[:, :, :C].to(x_t.dtype)
             a, s = schedule.alpha_sigma(t)
-            x0_hat = ops.frame_combine([x_t, first], prediction_coeffs(objective, a, s)[..., 0, :].contiguous())
+            x0_hat = x0_estimate(x_t, first, prediction_coeffs(objective, a, s), ops)
         x_self = torch.where(use.view(-1, *([1] * (x_t.dim() - 1))), x0_hat, x_self)
     return x_self
 

@@ -66,4 +66,9 @@ def predict_x0_eps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0_hat, eps_hat) from the network's prediction on x_t (B, F, ...)."""
     P = prediction_coeffs(objective, a, s)
-    return ops.frame_combine([x_t, pred], P[..., 0, :]), ops.frame_combine([x_t, pred], P[..., 1, :])
+    return x0_estimate(x_t, pred, P, ops), ops.frame_combine([x_t, pred], P[..., 1, :].contiguous())
+
+
+def x0_estimate(x_t: torch.Tensor, pred: torch.Tensor, P: torch.Tensor, ops) -> torch.Tensor:
+    """x0_hat from the prediction, given the objective's (B, F, 2, 2) map P (prediction_coeffs)."""
+    return ops.frame_combine([x_t, pred], P[..., 0, :].contiguous())

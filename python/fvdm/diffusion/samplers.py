@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from fvdm.diffusion.objectives import check_objective, prediction_coeffs
+from fvdm.diffusion.objectives import check_objective, prediction_coeffs, x0_estimate
 from fvdm.diffusion.schedules import DDPMSchedule, FlowSchedule, Schedule
 from fvdm.diffusion._common import held_mask, per_frame, randn_like_shape
 from fvdm.ops import get_backend
@@ -230,11 +230,13 @@ def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops
         w = euler_step(safe_t, safe_s)
     a, sig = schedule.alpha_sigma(safe_t)
     P = prediction_coeffs(objective, a, sig)
-    if clip_x0 is not None:
-        pred = _clip_prediction(x, pred, P, clip_x0, moving, ops)
-    if x_self is not None:  # frames that stay put keep their earlier estimate
-        x0_hat = ops.frame_combine([x, pred], P[..., 0, :].contiguous())
-        x_self = torch.where(per_frame(moving, x), x0_hat, x_self)
+    if clip_x0 is not None or x_self is not None:
+        x0_hat = x0_estimate(x, pred, P, ops)
+        if clip_x0 is not None:
+            x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
+            pred = _prediction_for(x0_hat, x, pred, P, moving, ops)
+        if x_self is not None:  # frames that stay put keep their earlier estimate
+            x_self = torch.where(per_frame(moving, x), x0_hat, x_self)
     coeffs = fold_weights(w, P)
     keep = torch.tensor([1.0, 0.0, 0.0], dtype=coeffs.dtype, device=coeffs.device)
     coeffs = torch.where(moving[..., None], coeffs, keep)
@@ -257,11 +259,10 @@ def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops
     return ops.frame_combine([x, pred, z], coeffs), x_self
 
 
-def _clip_prediction(x, pred, P, bound, moving, ops):
-    """The prediction whose x0 estimate is the clamped one. Every objective's (x0, eps)
+def _prediction_for(x0, x, pred, P, moving, ops):
+    """The prediction whose x0 estimate is x0 (the clamped one). Every objective's (x0, eps)
     estimates satisfy x_t = a x0 + s eps, so the replaced prediction moves eps with x0 and the
     step stays one folded linear combination. Frames not moving keep their prediction."""
-    x0 = ops.frame_combine([x, pred], P[..., 0, :].contiguous()).clamp(-bound, bound)
     p0, p1 = P[..., 0, 0], P[..., 0, 1]  # x0 = p0 x + p1 pred, p1 != 0 for a frame that moves
     safe_p1 = torch.where(moving, p1, torch.ones_like(p1))
     clipped = ops.frame_combine([x0, x], torch.stack([1.0 / safe_p1, -p0 / safe_p1], dim=-1))
