@@ -261,8 +261,8 @@ class Trainer:
                         bar.update(task, loss=record["loss"])
                     bar.update(task, completed=self.step)
                     stop = D.any_flag(self._stop_signal is not None, self.world, self.device)
-                    time_limited = tc.max_minutes is not None and D.any_flag(time.monotonic() > deadline, self.world,
-                                                                             self.device)
+                    time_limited = tc.max_minutes is not None and self.step < tc.steps and D.any_flag(
+                        time.monotonic() > deadline, self.world, self.device)  # at the last step it simply ends
                     if self.step % tc.ckpt_every == 0 or self.step == tc.steps or stop or time_limited:
                         last_ckpt = self.save()
                         self._write_plots(metrics_path)
