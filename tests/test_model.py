@@ -74,6 +74,33 @@ def test_fused_matches_reference_full_model():
     assert_backends_agree(depth=4, num_classes=5)
 
 
+@needs_c
+def test_fused_matches_reference_with_conv_head():
+    assert_backends_agree(depth=2, conv_head=8)
+
+
+def test_conv_head_starts_at_zero_and_reaches_across_patch_borders():
+    model = latte("T/2", backend="reference", conv_head=8, **TINY)
+    x, t = inputs()
+    out = model(x, t)
+    assert out.shape == (2, 6, 6, 8, 8) and torch.equal(out, torch.zeros_like(out))
+    # zero output but live gradients: the conv (zero) and the patch Linear (Xavier) both learn
+    loss = (model(x, t) * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum()
+    loss.backward()
+    assert model.conv_head.conv.weight.grad.abs().max() > 0
+    # The head alone: a patch's features reach its own pixels through the Linear's unpatchify
+    # and, through the 3x3 conv, a one-pixel ring in the neighbouring patches, no further.
+    m = perturbed(latte("T/2", backend="reference", depth=1, conv_head=8, **TINY)).eval()
+    h = torch.randn(1, 1, 16, 4 * 8)  # (B, F, N, p*p*C) patch features, 4x4 grid of 2x2 patches
+    h2 = h.clone()
+    h2[0, 0, 5] += 1.0  # patch (row 1, col 1): pixels rows 2-3, cols 2-3
+    diff = (m.conv_head(m.unpatchify(h2)) - m.conv_head(m.unpatchify(h))).abs().sum(2)[0, 0]  # (8, 8)
+    assert (diff[1:5, 1:5] > 0).all()  # the patch plus a one-pixel ring around it
+    assert torch.equal(diff[6:, :], torch.zeros(2, 8)) and torch.equal(diff[:, 6:], torch.zeros(8, 2))
+    with pytest.raises(ValueError, match="conv_head"):
+        latte_config("T/2", conv_head=-1).validate()
+
+
 # ----------------------------------------------------------------------------- per-frame conditioning
 
 

@@ -48,6 +48,10 @@ class LatteConfig:
     # Self-conditioning (Chen et al. 2022, "Analog Bits"): the network also sees an earlier
     # estimate of the clean frames (zeros when there is none), concatenated to x by channel.
     self_condition: bool = False
+    # conv_head > 0: the final Linear emits conv_head channels per pixel and a 3x3 convolution
+    # over each whole frame maps them to the output (U-ViT's extra conv): output pixels then
+    # see their neighbours across patch borders, which a per-patch Linear cannot. 0: off (DiT).
+    conv_head: int = 0
 
     @property
     def out_channels(self) -> int:
@@ -68,6 +72,8 @@ class LatteConfig:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.conv_head < 0:
+            raise ValueError(f"conv_head must be >= 0 (0: off), got {self.conv_head}")
 
 
 # ----------------------------------------------------------------------------- embedders
@@ -201,7 +207,8 @@ class LatteBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """Per-frame adaLN, then a Linear to the p*p*C_out values of each patch."""
+    """Per-frame adaLN, then a Linear to the p*p*C values of each patch (C = C_out, or the
+    conv head's channels)."""
 
     def __init__(self, dim: int, patch_size: int, out_channels: int):
         super().__init__()
@@ -210,7 +217,18 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, ops) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).to(x.dtype).chunk(2, dim=-1)
-        return self.linear(ops.adaln_modulate(x, shift, scale))  # (B, F, N, p*p*C_out)
+        return self.linear(ops.adaln_modulate(x, shift, scale))  # (B, F, N, p*p*C)
+
+
+class ConvHead(nn.Module):
+    """(B, F, C_hidden, H, W) -> SiLU -> 3x3 conv per frame -> (B, F, C_out, H, W)."""
+
+    def __init__(self, hidden: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(hidden, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.silu(x.flatten(0, 1))).unflatten(0, x.shape[:2])
 
 
 # ----------------------------------------------------------------------------- model
@@ -249,7 +267,9 @@ class Latte(nn.Module):
         self.blocks = nn.ModuleList(
             LatteBlock(D, config.num_heads, config.mlp_ratio, temporal=i % 2 == 1) for i in range(config.depth)
         )
-        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+        head = config.conv_head or config.out_channels
+        self.final_layer = FinalLayer(D, config.patch_size, head)
+        self.conv_head = ConvHead(head, config.out_channels) if config.conv_head else None
         self.initialize_weights()
 
     def set_backend(self, backend: str) -> None:
@@ -258,7 +278,8 @@ class Latte(nn.Module):
 
     def initialize_weights(self) -> None:
         """Xavier Linears, N(0, 0.02) embedding MLPs, and adaLN-zero: the adaLN Linears and the
-        output Linear start at zero, so every block is the identity and the output is zero."""
+        output layer (the conv head's conv when there is one, else the final Linear) start at
+        zero, so every block is the identity and the output is zero."""
 
         def xavier(m: nn.Module) -> None:
             if isinstance(m, nn.Linear):
@@ -273,10 +294,8 @@ class Latte(nn.Module):
             nn.init.normal_(lin.weight, std=0.02)
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding.weight, std=0.02)
-        for mod in [b.adaLN_modulation[-1] for b in self.blocks] + [
-            self.final_layer.adaLN_modulation[-1],
-            self.final_layer.linear,
-        ]:
+        output = self.conv_head.conv if self.conv_head is not None else self.final_layer.linear
+        for mod in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], output]:
             nn.init.zeros_(mod.weight)
             nn.init.zeros_(mod.bias)
 
@@ -336,13 +355,14 @@ class Latte(nn.Module):
                 h = checkpoint(block, h, c, self.ops, use_reentrant=False)
             else:
                 h = block(h, c, self.ops)
-        h = self.final_layer(h, c, self.ops)  # (B, F, N, p*p*C_out)
-        return self.unpatchify(h)  # (B, F, C_out, H, W)
+        h = self.unpatchify(self.final_layer(h, c, self.ops))  # (B, F, C, H, W)
+        return h if self.conv_head is None else self.conv_head(h)  # (B, F, C_out, H, W)
 
     def unpatchify(self, h: torch.Tensor) -> torch.Tensor:
         """(B, F, N, p*p*C) -> (B, F, C, H, W), patch values ordered (p_row, p_col, C)."""
-        B, Fr, N, _ = h.shape
-        p, C = self.config.patch_size, self.config.out_channels
+        B, Fr, N, PPC = h.shape
+        p = self.config.patch_size
+        C = PPC // (p * p)
         g = int(math.isqrt(N))
         h = h.reshape(B, Fr, g, g, p, p, C)
         return h.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, Fr, C, g * p, g * p)
