@@ -161,6 +161,9 @@ def bench_model(
     dtype: Annotated[str, typer.Option(help="fp32, or bf16 (autocast)")] = "fp32",
     steps: Annotated[int, typer.Option(min=1, help="timed steps per measurement")] = 3,
     variants: Annotated[str, typer.Option(help="comma list of fused, reference, compiled")] = "fused,reference,compiled",
+    profile: Annotated[bool, typer.Option(help="also split one training step's operator time into Linear layers, "
+                                               "SDPA, fvdm ops and the rest, and print the most the fused ops "
+                                               "could give")] = False,
     out: Annotated[Path | None, typer.Option(help="JSON output path (default benchmarks/results/model-<device>.json)")] = None,
 ) -> None:
     """Time one training step and one sampling step of the video DiT: fused vs reference vs torch.compile."""
@@ -174,7 +177,8 @@ def bench_model(
     if dtype not in ("fp32", "bf16"):
         fail(f"--dtype must be fp32 or bf16, got {dtype!r}")
     names = _split(variants, list(mb.VARIANTS), "variant")
-    cfg = mb.ModelBenchConfig(size=size, batch=batch, frames=frames, dtype=dtype, steps=steps, device=dev.type)
+    cfg = mb.ModelBenchConfig(size=size, batch=batch, frames=frames, dtype=dtype, steps=steps, device=dev.type,
+                              profile=profile)
     rows = []
     with progress() as bar:
         task = bar.add_task("model bench", total=len(names))
@@ -195,12 +199,29 @@ def bench_model(
         table.add_row(r["variant"], f"{r['train_step_ms']:.1f}", f"{r['sample_step_ms']:.1f}", f"{r[mem_key]:.0f}",
                       f"{ratio:.2f}x" if ratio else "-")
     console.print(table)
+    extra = {}
+    if profile:
+        prof = Table(title="one training step's operator time by class, ms (profiled)")
+        for col in ["variant", *mb.OP_CLASSES, "total", "linear share"]:
+            prof.add_column(col, justify="left" if col == "variant" else "right")
+        for r in rows:
+            ms = r.get("train_step_profile_ms")
+            if ms:
+                total = sum(ms.values())
+                prof.add_row(r["variant"], *(f"{ms[c]:.1f}" for c in mb.OP_CLASSES), f"{total:.1f}",
+                             f"{100 * ms['linear'] / total:.0f}%")
+        console.print(prof)
+        bound = mb.fused_ops_free_speedup(rows)
+        if bound is not None:
+            extra["fused_ops_free_speedup"] = bound
+            console.print(f"with fvdm's ops taking no time at all, the fused step would be {bound:.2f}x the "
+                          "reference step (the most the fused operators can give at this shape)")
     if "fused" in base:
         for other in ("reference", "compiled"):
             if other in base:
                 for k in ("train_step_ms", "sample_step_ms"):
                     base["fused"][f"{k.split('_ms')[0]}_speedup_vs_{other}"] = base[other][k] / base["fused"][k]
-    path = write_results(f"model-{size.replace('/', '')}-{dtype}", dev, {"config": vars(cfg), "rows": rows}, out)
+    path = write_results(f"model-{size.replace('/', '')}-{dtype}", dev, {"config": vars(cfg), "rows": rows, **extra}, out)
     console.print(f"results written to {path}")
 
 

@@ -1,7 +1,12 @@
 """Model benchmark: one training step (forward + backward + AdamW) and one sampling step of the
 video DiT, with the fused operators vs the reference backend vs torch.compile of the reference
 model, in the same run. Each variant runs in its own process so that peak memory (CUDA: peak
-allocated; CPU: peak resident set size of the process) belongs to that variant alone."""
+allocated; CPU: peak resident set size of the process) belongs to that variant alone.
+
+With profile=True each variant also profiles one training step and splits its operator time
+into classes (`op_class`): Linear layers, attention through SDPA, fvdm's fused operators, and
+the rest. The Linear layers run identically in every variant, so the split bounds what the
+fused operators can ever buy (`fused_ops_free_speedup`)."""
 
 from __future__ import annotations
 
@@ -27,6 +32,39 @@ class ModelBenchConfig:
     steps: int = 3  # timed steps after warmup
     warmup: int = 1
     device: str = "cpu"
+    profile: bool = False  # also split one training step's operator time by op_class
+
+
+OP_CLASSES = ("linear", "sdpa", "fvdm", "other")
+
+
+def op_class(name: str) -> str:
+    """The class of a profiler event name: "linear" (matrix products), "sdpa" (torch's
+    scaled_dot_product_attention kernels), "fvdm" (our operators and their autograd nodes),
+    or "other"."""
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"):
+        return "linear"
+    if "scaled_dot_product" in name:
+        return "sdpa"
+    if name.startswith("fvdm::") or "_fvdm_" in name:
+        return "fvdm"
+    return "other"
+
+
+def profile_classes(step, device: torch.device) -> dict[str, float]:
+    """Self time (ms) by op_class of one call of step(), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ms = dict.fromkeys(OP_CLASSES, 0.0)
+    for event in prof.key_averages():
+        ms[op_class(event.key)] += getattr(event, attr) / 1e3
+    return ms
 
 
 def _rss_mib() -> float:
@@ -95,10 +133,24 @@ def _measure_inner(variant: str, cfg: ModelBenchConfig) -> dict:
             results[f"{name}_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         else:
             results[f"{name}_rss_before_mib"] = rss_before
+    if cfg.profile:
+        results["train_step_profile_ms"] = profile_classes(train_step, device)
     if device.type == "cpu":
         results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
     return results
+
+
+def fused_ops_free_speedup(rows: list[dict]) -> float | None:
+    """The most the fused operators could give at this shape: the reference step's profiled
+    time over a fused step in which fvdm's operators take no time, with the Linear layers
+    costed as in the reference run (the same matrix products in both; this removes their
+    run-to-run noise, several percent on a busy CPU). None without both profiles."""
+    by = {r["variant"]: r.get("train_step_profile_ms") for r in rows}
+    ref, fused = by.get("reference"), by.get("fused")
+    if not ref or not fused:
+        return None
+    return sum(ref.values()) / (ref["linear"] + fused["sdpa"] + fused["other"])
 
 
 def run(cfg: ModelBenchConfig, variants=VARIANTS) -> list[dict]:
