@@ -10,6 +10,7 @@ import torch
 
 from fvdm import HAS_C
 from fvdm.diffusion import (
+    min_snr_weights,
     DDPMSchedule,
     FlowSchedule,
     classifier_free_guidance,
@@ -121,6 +122,26 @@ def test_prediction_inverts_target(objective):
     a, s = torch.tensor([0.6], dtype=torch.float64), torch.tensor([0.8], dtype=torch.float64)
     assert target_coeffs("v", a, s).tolist() == [[-0.8, 0.6]]
     assert target_coeffs("flow", a, s).tolist() == [[-1.0, 1.0]]
+
+
+@pytest.mark.parametrize("objective", ["eps", "v", "x0", "flow"])
+def test_min_snr_weights_give_every_objective_the_x0_weight_min_snr_gamma(objective):
+    """Weighted error of a perturbed prediction == min(SNR, gamma) * the x0 error it causes."""
+    gamma = 5.0
+    for a, s in [ddpm_schedule("cosine").alpha_sigma(torch.arange(0, 1000, 37)),
+                 FlowSchedule().alpha_sigma(torch.linspace(0.02, 0.98, 20, dtype=torch.float64))]:
+        w = min_snr_weights(objective, a, s, gamma)
+        delta = torch.randn(a.shape, dtype=torch.float64, generator=gen(4))  # prediction error
+        x0_err = prediction_coeffs(objective, a, s)[..., 0, 1] * delta
+        snr = a * a / (s * s)
+        torch.testing.assert_close(w * delta**2, snr.clamp(max=gamma) * x0_err**2)
+    # the published special cases: eps min(SNR, g) / SNR, v min(SNR, g) / (SNR + 1)
+    a, s = ddpm_schedule().alpha_sigma(torch.tensor([10, 500, 990]))
+    snr = a * a / (s * s)
+    torch.testing.assert_close(min_snr_weights("eps", a, s, gamma), snr.clamp(max=gamma) / snr)
+    torch.testing.assert_close(min_snr_weights("v", a, s, gamma), snr.clamp(max=gamma) / (snr + 1))
+    with pytest.raises(ValueError, match="gamma"):
+        min_snr_weights("v", a, s, 0.0)
 
 
 # ----------------------------------------------------------------------------- PTSS

@@ -3,6 +3,8 @@ DDP equivalence, refusal to clobber a run, corrupt checkpoints."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import socket
@@ -17,6 +19,7 @@ from safetensors.torch import load_file
 
 import fvdm
 from fvdm.config import load_config
+from fvdm.errors import UserError
 from fvdm.train.trainer import ClipOrder, lr_at, train
 
 # Subprocesses import the same fvdm as this process (the CPU build, or the CUDA build that
@@ -229,3 +232,18 @@ def test_training_and_sampling_on_vae_latents(tmp_path):
     out = generate(loaded.model, loaded.cfg, "i2v", num_videos=1, steps=2, codec=loaded.codec,
                    condition=torch.zeros(1, 1, 3, 8, 8))
     assert out.video.shape == (1, 4, 3, 8, 8) and torch.isfinite(out.video).all()
+
+
+def test_min_snr_weighting_changes_the_loss_and_is_checked(tmp_path):
+    losses = {}
+    for name, extra in (("plain", []), ("minsnr", ["diffusion.min_snr_gamma=5"])):
+        run = tmp_path / name
+        train(tiny("train.steps=2", *extra), run, progress=False)
+        first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        losses[name] = first["loss"]
+    # same seed, same batch, same noise: only the frame weights differ
+    assert math.isfinite(losses["minsnr"]) and losses["minsnr"] != pytest.approx(losses["plain"], rel=1e-3)
+    with pytest.raises(UserError, match="min_snr_gamma"):
+        tiny("diffusion.min_snr_gamma=0")
+    with pytest.raises(UserError, match="learn_sigma"):
+        tiny("diffusion.min_snr_gamma=5", "model.learn_sigma=true")

@@ -69,6 +69,7 @@ class DiffusionConfig:
     ptss_p: float = 0.2  # probability of independent per-frame timesteps (0: scalar baseline)
     ptss_mode: str = "batch"  # batch: one coin per global batch (reference) | sample: per clip
     noise_bias: float = 1.0  # > 1 draws training times skewed toward high noise (1: uniform, the paper)
+    min_snr_gamma: float | None = None  # Min-SNR-gamma loss weights (Hang et al. 2023; 5 is theirs); None: unweighted
 
 
 @dataclass
@@ -162,6 +163,11 @@ class Config:
                     "train.sample_every", "train.keep_checkpoints", "data.num_workers", "sample.eta"):
             if self.get(key) < 0:
                 raise UserError(f"{key} must be >= 0, got {self.get(key)}")
+        if self.diffusion.min_snr_gamma is not None and not self.diffusion.min_snr_gamma > 0:
+            raise UserError(f"diffusion.min_snr_gamma must be > 0 (or null: off), got {self.diffusion.min_snr_gamma}")
+        if self.diffusion.min_snr_gamma is not None and self.model.learn_sigma:
+            raise UserError("diffusion.min_snr_gamma weights the mean loss only: it cannot be combined with "
+                            "model.learn_sigma (whose VB term has its own weighting)")
         if self.diffusion.noise_bias <= 0:
             raise UserError(f"diffusion.noise_bias must be > 0, got {self.diffusion.noise_bias}")
         if self.train.grad_clip is not None and self.train.grad_clip <= 0:

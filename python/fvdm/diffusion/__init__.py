@@ -3,7 +3,14 @@ zero-shot tasks as schedule matrices."""
 
 from fvdm.diffusion.guidance import classifier_free_guidance
 from fvdm.diffusion.losses import LossOutput, diffusion_loss
-from fvdm.diffusion.objectives import OBJECTIVES, predict_x0_eps, prediction_coeffs, target_coeffs, training_target
+from fvdm.diffusion.objectives import (
+    OBJECTIVES,
+    min_snr_weights,
+    predict_x0_eps,
+    prediction_coeffs,
+    target_coeffs,
+    training_target,
+)
 from fvdm.diffusion.ptss import PTSS_MODES, ptss_coins, sample_timesteps
 from fvdm.diffusion.samplers import (
     CONDITIONING,
@@ -41,6 +48,7 @@ from fvdm.diffusion.tasks import (
 )
 
 __all__ = [
+    "min_snr_weights",
     "classifier_free_guidance",
     "LossOutput",
     "diffusion_loss",

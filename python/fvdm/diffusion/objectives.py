@@ -54,6 +54,19 @@ def prediction_coeffs(objective: str, a: torch.Tensor, s: torch.Tensor) -> torch
     return torch.stack([torch.stack(r, -1) for r in rows], -2)
 
 
+def min_snr_weights(objective: str, a: torch.Tensor, s: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-frame loss weights of Min-SNR-gamma (Hang et al. 2023): every objective's error is
+    the x0 error over P01^2 (P01, the prediction's coefficient in x0_hat), so weighting it by
+    min(SNR, gamma) * P01^2 gives each frame the x0 weight min(SNR, gamma), SNR = a^2 / s^2:
+    the many easy low-noise frames stop dominating the gradient. float64, shape of a."""
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    a, s = a.to(torch.float64), s.to(torch.float64)
+    snr = (a * a) / (s * s)  # inf at s = 0: clamped to gamma below
+    p01 = prediction_coeffs(objective, a, s)[..., 0, 1]
+    return snr.clamp(max=gamma) * p01 * p01
+
+
 def training_target(
     objective: str, x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: torch.Tensor, ops
 ) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fvdm import media
 from fvdm.build import build_dataset, build_model, build_schedule, num_timesteps_for_training, resolve_device
 from fvdm.config import Config, from_dict, save_config
-from fvdm.diffusion import diffusion_loss, sample_timesteps
+from fvdm.diffusion import diffusion_loss, min_snr_weights, sample_timesteps
 from fvdm.errors import UserError
 from fvdm.train import distributed as D
 from fvdm.train.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint
@@ -215,10 +215,13 @@ class Trainer:
             group["lr"] = lr
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if tc.precision == "bf16"
                     else nullcontext())
+        weights = None
+        if cfg.diffusion.min_snr_gamma is not None:
+            weights = min_snr_weights(cfg.diffusion.objective, *self.schedule.alpha_sigma(t), cfg.diffusion.min_snr_gamma)
         with autocast:
             out = diffusion_loss(lambda x, tt, *x_self: self.ddp(x, tt, y, *x_self), self.schedule, x0, t,
                                  objective=cfg.diffusion.objective, noise=noise, learn_sigma=cfg.model.learn_sigma,
-                                 self_condition=self_cond, backend=self.model.backend)
+                                 self_condition=self_cond, frame_weights=weights, backend=self.model.backend)
         loss = out.loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower train.lr or set train.grad_clip")
