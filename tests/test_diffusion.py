@@ -10,6 +10,7 @@ import torch
 
 from fvdm import HAS_C
 from fvdm.diffusion import (
+    min_snr_weights,
     DDPMSchedule,
     FlowSchedule,
     classifier_free_guidance,
@@ -19,14 +20,12 @@ from fvdm.diffusion import (
     diffusion_loss,
     extension,
     flow_ladder,
-    frame_noise,
     image_to_video,
     interpolation,
     keyframes,
     task_matrix,
     linear_betas,
     long_video,
-    min_snr_weights,
     prediction_coeffs,
     rolling_diagonal,
     sample,
@@ -36,7 +35,6 @@ from fvdm.diffusion import (
     window_sampler,
 )
 from fvdm.diffusion.losses import vb_term
-from fvdm.diffusion.samplers import ddpm_step, fold_weights
 from fvdm.ops import get_backend
 
 BACKENDS = ["reference", pytest.param("fused", marks=pytest.mark.skipif(not HAS_C, reason="fvdm._C is not built"))]
@@ -694,46 +692,3 @@ def test_noise_bias_skews_training_times_toward_high_noise():
     assert torch.equal(a, b)  # bias 1 is the paper's uniform draw, unchanged
     with pytest.raises(ValueError, match="noise_bias"):
         sample_timesteps(2, 2, generator=g, noise_bias=0.0)
-
-
-# ----------------------------------------------------------------------------- shared frame noise
-
-
-def test_frame_noise_shares_the_asked_fraction_of_variance():
-    shape = (4000, 3, 2, 2, 2)
-    plain = frame_noise(shape, gen(5), "cpu", torch.float64)
-    assert torch.equal(plain, torch.randn(shape, generator=gen(5), dtype=torch.float64))  # 0: the same stream
-    x = frame_noise(shape, gen(5), "cpu", torch.float64, shared=0.5).flatten(2)  # (B, F, elements)
-    assert abs(float(x.var()) - 1.0) < 0.03  # every element still N(0, 1)
-    corr = (x[:, 0] * x[:, 2]).mean()  # frames 0 and 2 of a clip
-    assert abs(float(corr) - 0.5) < 0.03
-    assert abs(float((x[:-1, 0] * x[1:, 0]).mean())) < 0.03  # different clips stay independent
-    with pytest.raises(ValueError, match="shared"):
-        frame_noise(shape, gen(5), "cpu", torch.float64, shared=1.0)
-
-
-def test_sampler_draws_its_noise_with_the_shared_fraction():
-    sch = ddpm_schedule("cosine")
-    S = ddpm_ladder(3)[:, None].expand(4, 5).contiguous()
-    calls = []
-
-    def model(x, t):
-        calls.append(x.clone())
-        return torch.zeros_like(x)
-
-    sample(model, sch, S, shape=SHAPE, method="ddpm", objective="eps", generator=gen(2), backend="reference")
-    plain = calls[0]
-    assert torch.equal(plain, torch.randn(SHAPE, generator=gen(2)))
-    calls.clear()
-    sample(model, sch, S, shape=SHAPE, method="ddpm", objective="eps", generator=gen(2), backend="reference",
-           shared_noise=0.75)
-    torch.testing.assert_close(calls[0], frame_noise(SHAPE, gen(2), "cpu", torch.float32, 0.75))
-    # predicting eps = 0, the first DDPM step gives c_x * x_T + c_noise * z: z is shared noise too
-    g = gen(2)
-    x_T = frame_noise(SHAPE, g, "cpu", torch.float32, 0.75)
-    z = frame_noise(SHAPE, g, "cpu", torch.float32, 0.75)
-    t, s_ = S[0].expand(2, 5), S[1].expand(2, 5)
-    a, sig = sch.alpha_sigma(t)
-    c = fold_weights(ddpm_step(sch, t, s_), prediction_coeffs("eps", a, sig)).float()
-    want = c[..., 0, None, None, None] * x_T + c[..., 2, None, None, None] * z
-    torch.testing.assert_close(calls[1], want, atol=1e-5, rtol=1e-5)

@@ -69,7 +69,6 @@ class DiffusionConfig:
     ptss_p: float = 0.2  # probability of independent per-frame timesteps (0: scalar baseline)
     ptss_mode: str = "batch"  # batch: one coin per global batch (reference) | sample: per clip
     noise_bias: float = 1.0  # > 1 draws training times skewed toward high noise (1: uniform, the paper)
-    frame_noise_shared: float = 0.0  # fraction of noise variance the frames of a clip share (PYoCo's mixed prior); 0: independent, the paper
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weights (Hang et al. 2023; 5 is theirs); None: unweighted
 
 
@@ -152,10 +151,6 @@ class Config:
         if self.data.kind == "sprites" and self.model.num_classes:
             raise UserError("model.num_classes > 0 needs labelled data (data.kind videos or frames, one folder per class)")
         _check_range("diffusion.ptss_p", self.diffusion.ptss_p, 0.0, 1.0)
-        if self.model.conv_head < 0:
-            raise UserError(f"model.conv_head must be >= 0 (0: off), got {self.model.conv_head}")
-        if not 0.0 <= self.diffusion.frame_noise_shared < 1.0:
-            raise UserError(f"diffusion.frame_noise_shared must lie in [0, 1), got {self.diffusion.frame_noise_shared}")
         _check_range("train.ema_decay", self.train.ema_decay, 0.0, 1.0)
         _check_range("model.class_dropout_prob", self.model.class_dropout_prob, 0.0, 1.0)
         for key in ("train.steps", "train.batch_size", "train.log_every", "train.ckpt_every", "data.num_frames",

@@ -110,7 +110,7 @@ def generate(
     ladder = ladder_for(schedule, steps)
     kwargs = dict(method=method, objective=cfg.diffusion.objective, eta=eta, learn_sigma=cfg.model.learn_sigma,
                   generator=g, device=device, backend=model.backend, conditioning=conditioning,
-                  self_condition=model.config.self_condition, shared_noise=cfg.diffusion.frame_noise_shared,
+                  self_condition=model.config.self_condition,
                   clip_x0=cfg.sample.clip_x0 if cfg.data.vae is None else None)  # latents are not in [-1, 1]
 
     def given() -> torch.Tensor:

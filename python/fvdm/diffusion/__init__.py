@@ -3,7 +3,6 @@ zero-shot tasks as schedule matrices."""
 
 from fvdm.diffusion.guidance import classifier_free_guidance
 from fvdm.diffusion.losses import LossOutput, diffusion_loss
-from fvdm.diffusion._common import frame_noise
 from fvdm.diffusion.objectives import (
     OBJECTIVES,
     min_snr_weights,
@@ -49,7 +48,6 @@ from fvdm.diffusion.tasks import (
 )
 
 __all__ = [
-    "frame_noise",
     "min_snr_weights",
     "classifier_free_guidance",
     "LossOutput",

@@ -22,7 +22,7 @@ import torch
 
 from fvdm.diffusion.objectives import check_objective, prediction_coeffs, x0_estimate
 from fvdm.diffusion.schedules import DDPMSchedule, FlowSchedule, Schedule
-from fvdm.diffusion._common import frame_noise, held_mask, per_frame
+from fvdm.diffusion._common import held_mask, per_frame, randn_like_shape
 from fvdm.ops import get_backend
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,F,C,H,W), t (B,F)) -> out
@@ -126,7 +126,6 @@ def sample(
     conditioning: str = "hold",
     clip_x0: float | None = None,
     self_condition: bool = False,
-    shared_noise: float = 0.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -144,9 +143,7 @@ def sample(
     to [-clip_x0, clip_x0] (pixel-space data in [-1, 1]: 1.0, as guided-diffusion's
     clip_denoised; None, the reference's FVD setting, leaves it). self_condition: the model
     takes model_fn(x, t, x_self), x_self the previous step's x0 estimate (zeros at first; the
-    clean values for held frames). shared_noise: the fraction of noise variance the frames of
-    a clip share (frame_noise), in the initial noise and every fresh draw, as the model was
-    trained (diffusion.frame_noise_shared). Returns x (B, F, C, H, W)."""
+    clean values for held frames). Returns x (B, F, C, H, W)."""
     check_objective(objective)
     if clip_x0 is not None and not clip_x0 > 0:
         raise ValueError(f"clip_x0 must be a positive bound or None, got {clip_x0!r}")
@@ -165,7 +162,7 @@ def sample(
         if shape is None:
             raise ValueError("give x_init or shape")
         device = torch.device(device) if device is not None else (x0_held.device if x0_held is not None else "cpu")
-        x_init = frame_noise(shape, generator, device, dtype, shared_noise)
+        x_init = randn_like_shape(shape, generator, device, dtype)
     x = x_init
     if x.dim() != 5:
         raise ValueError(f"x_init / shape must be (B, F, C, H, W), got {tuple(x.shape)}")
@@ -192,8 +189,7 @@ def sample(
         if replace:
             t, s = S[i], S[i + 1]
             if any_held:
-                noised = schedule.q_sample(x0_held, frame_noise(x.shape, generator, x.device, x.dtype, shared_noise),
-                                           t, ops)
+                noised = schedule.q_sample(x0_held, randn_like_shape(x.shape, generator, x.device, x.dtype), t, ops)
                 x = torch.where(per_frame(hold & (t != clean), x), noised, x)
         else:
             t = torch.where(hold, clean, S[i])
@@ -201,7 +197,7 @@ def sample(
         moving = t != s
         if bool(moving.any()):
             x, x_self = _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops,
-                              x, t, s, moving, generator, clip_x0, x_self, shared_noise)
+                              x, t, s, moving, generator, clip_x0, x_self)
             if any_held and not replace:  # bit-exact whatever the arithmetic did
                 x = torch.where(per_frame(hold, x), x0_held, x)
         if callback is not None:
@@ -212,7 +208,7 @@ def sample(
 
 
 def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops, x, t, s, moving, generator,
-          clip_x0=None, x_self=None, shared_noise=0.0):
+          clip_x0=None, x_self=None):
     """One step of the loop for frames at times t (B, F) going to s; frames not moving keep x.
     Returns (x at s, the x0 estimate for self-conditioning or None)."""
     B, Fr, C = x.shape[:3]
@@ -251,7 +247,7 @@ def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops
     noisy = moving & (coeffs[..., 2] > 0)
     if not bool(noisy.any()):
         return ops.frame_combine([x, pred], coeffs[..., :2].contiguous()), x_self
-    z = frame_noise(x.shape, generator, x.device, x.dtype, shared_noise)
+    z = randn_like_shape(x.shape, generator, x.device, x.dtype)
     if method == "ddpm" and learn_sigma:
         # per-element std from the variance channels: scale z here, weight it 1 where noisy
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -7,7 +7,7 @@ import torch
 
 from fvdm.build import build_schedule, num_timesteps_for_training
 from fvdm.config import Config
-from fvdm.diffusion import diffusion_loss, frame_noise, sample_timesteps
+from fvdm.diffusion import diffusion_loss, sample_timesteps
 from fvdm.runs import data_condition
 
 
@@ -35,7 +35,7 @@ def held_out_loss(model: torch.nn.Module, cfg: Config, num_clips: int = 32, batc
                 t = t.expand(B, Fr)
             else:
                 t = sample_timesteps(B, Fr, 1.0, num_timesteps=T, generator=g)
-            noise = frame_noise(x0.shape, g, "cpu", x0.dtype, cfg.diffusion.frame_noise_shared)  # as trained
+            noise = torch.randn(x0.shape, generator=g)
             # a self-conditioning model is scored as it samples: with its own first estimate
             self_cond = torch.ones(B, dtype=torch.bool) if model.config.self_condition else None
             out = diffusion_loss(lambda x, tt, *x_self: model(x, tt, None, *x_self), schedule, x0.to(device),

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fvdm import media
 from fvdm.build import build_dataset, build_model, build_schedule, num_timesteps_for_training, resolve_device
 from fvdm.config import Config, from_dict, save_config
-from fvdm.diffusion import diffusion_loss, frame_noise, min_snr_weights, sample_timesteps
+from fvdm.diffusion import diffusion_loss, min_snr_weights, sample_timesteps
 from fvdm.errors import UserError
 from fvdm.train import distributed as D
 from fvdm.train.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint
@@ -202,7 +202,7 @@ class Trainer:
         g = step_generator(tc.seed, step)
         t = sample_timesteps(B, x0.shape[1], cfg.diffusion.ptss_p, num_timesteps=num_timesteps_for_training(cfg),
                              mode=cfg.diffusion.ptss_mode, generator=g, noise_bias=cfg.diffusion.noise_bias)[lo:hi]
-        noise = frame_noise((B, *x0.shape[1:]), g, "cpu", x0.dtype, cfg.diffusion.frame_noise_shared)[lo:hi]
+        noise = torch.randn((B, *x0.shape[1:]), generator=g, dtype=x0.dtype)[lo:hi]
         drop = torch.rand(B, generator=g)[lo:hi] < cfg.model.class_dropout_prob
         # self-conditioning pass for half the clips (drawn only then: older runs keep their streams)
         self_cond = (torch.rand(B, generator=g)[lo:hi] < 0.5).to(self.device) if cfg.model.self_condition else None
