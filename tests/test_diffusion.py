@@ -10,7 +10,6 @@ import torch
 
 from fvdm import HAS_C
 from fvdm.diffusion import (
-    min_snr_weights,
     DDPMSchedule,
     FlowSchedule,
     classifier_free_guidance,
@@ -26,6 +25,7 @@ from fvdm.diffusion import (
     task_matrix,
     linear_betas,
     long_video,
+    min_snr_weights,
     prediction_coeffs,
     rolling_diagonal,
     sample,

@@ -84,7 +84,8 @@ def test_conv_head_starts_at_zero_and_reaches_across_patch_borders():
     x, t = inputs()
     out = model(x, t)
     assert out.shape == (2, 6, 6, 8, 8) and torch.equal(out, torch.zeros_like(out))
-    # zero output but live gradients: the conv (zero) and the patch Linear (Xavier) both learn
+    # zero output but a live gradient: the zero conv learns at once (its input, the Xavier
+    # Linear's output, is not zero), and the Linear learns as soon as the conv is not zero
     loss = (model(x, t) * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum()
     loss.backward()
     assert model.conv_head.conv.weight.grad.abs().max() > 0

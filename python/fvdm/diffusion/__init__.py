@@ -48,11 +48,11 @@ from fvdm.diffusion.tasks import (
 )
 
 __all__ = [
-    "min_snr_weights",
     "classifier_free_guidance",
     "LossOutput",
     "diffusion_loss",
     "OBJECTIVES",
+    "min_snr_weights",
     "predict_x0_eps",
     "prediction_coeffs",
     "target_coeffs",
