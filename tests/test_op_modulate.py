@@ -59,6 +59,26 @@ def test_adaln_wide_rows_and_single_frame():
     torch.testing.assert_close(y, adaln_modulate_ref(x, shift, scale), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("D", [1152, 1000])  # rows of whole 64-byte lines, and rows that are not
+def test_large_outputs_use_streaming_stores_correctly(dtype, D):
+    # Kernels moving over 32 MiB write their output with streaming stores (modulate_cpu.cpp):
+    # 4M+ values per tensor puts every op there in fp32, forward and backward; check them all,
+    # on both the aligned path and the fallback (rows not whole 64-byte lines).
+    shape = (1, 2, 4 * 1024 * 1024 // (2 * D) + 3, D)
+    x, shift, scale = (t.requires_grad_() for t in _inputs(shape, dtype, 11))
+    h = rand(shape, dtype, 12).requires_grad_()
+    gy = rand(shape, dtype, 13)
+    for fn, ref, args in [(adaln_modulate, adaln_modulate_ref, (x, shift, scale)),
+                          (gated_residual, gated_residual_ref, (x, h, shift))]:
+        y = fn(*args)
+        got = torch.autograd.grad(y, args, gy)
+        want = torch.autograd.grad(ref(*args), args, gy)
+        torch.testing.assert_close(y, ref(*args))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
 def test_adaln_gradcheck_fp64():
     x, shift, scale = (t.requires_grad_() for t in _inputs((2, 3, 4, 6), torch.float64, 0))
     assert torch.autograd.gradcheck(adaln_modulate, (x, shift, scale))

@@ -300,22 +300,6 @@ inline int64_t heads_per_group(int64_t H, int64_t floats_per_head) {
   return std::clamp<int64_t>((int64_t(1) << 18) / std::max<int64_t>(floats_per_head, 1), 1, H);
 }
 
-// dst[0, bytes) = src[0, bytes) with streaming stores when dst is 64-byte aligned and bytes a
-// multiple of 64: outputs are written once and never read back here, so this skips the
-// read-for-ownership a normal store pays (a quarter of the forward's memory traffic at XL).
-inline void stream_copy(const void* src, void* dst, int64_t bytes) {
-#if defined(__AVX512F__)
-  if ((reinterpret_cast<uintptr_t>(dst) & 63) == 0 && bytes % 64 == 0) {
-    const char* s = static_cast<const char*>(src);
-    char* d = static_cast<char*>(dst);
-    for (int64_t off = 0; off < bytes; off += 64)
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(d + off), _mm512_loadu_si512(s + off));
-    return;
-  }
-#endif
-  std::memcpy(dst, src, static_cast<size_t>(bytes));
-}
-
 // One token's (B, F, N, H, Dh) output rows, all heads, staged here and written per frame as
 // one run of H * Dh values (stream_copy). Call fence() before the parallel chunk ends.
 template <typename scalar_t>
@@ -328,11 +312,7 @@ struct TokenOut {
     for (int64_t f = 0; f < F; ++f)
       stream_copy(buf.data() + f * HD, dst + ((b * F + f) * N + n) * HD, HD * static_cast<int64_t>(sizeof(scalar_t)));
   }
-  static void fence() {
-#if defined(__AVX512F__)
-    _mm_sfence();  // streaming stores are weakly ordered: publish them before the chunk ends
-#endif
-  }
+  static void fence() { stream_fence(); }
 };
 
 template <typename scalar_t, typename opmath_t>
