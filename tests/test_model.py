@@ -79,6 +79,11 @@ def test_fused_matches_reference_with_conv_head():
     assert_backends_agree(depth=2, conv_head=8)
 
 
+@needs_c
+def test_fused_matches_reference_with_joint_blocks():
+    assert_backends_agree(depth=3, block_pattern="JTS")
+
+
 def test_conv_head_starts_at_zero_and_reaches_across_patch_borders():
     model = latte("T/2", backend="reference", conv_head=8, **TINY)
     x, t = inputs()
@@ -153,7 +158,7 @@ def test_frame_timestep_changes_only_that_frames_output_without_temporal_blocks(
 
 def test_temporal_block_mixes_frames_not_tokens():
     torch.manual_seed(0)
-    block = perturbed(LatteBlock(64, 4, 4.0, temporal=True))
+    block = perturbed(LatteBlock(64, 4, 4.0, "T"))
     ops = get_backend("reference")
     x = torch.randn(2, 5, 7, 64)
     c = torch.randn(2, 5, 64)
@@ -162,9 +167,26 @@ def test_temporal_block_mixes_frames_not_tokens():
     diff = (block(x, c, ops) - block(x2, c, ops)).abs().amax(-1)  # (B, F, N)
     assert (diff[:, :, 3] > 0).all()  # token 3 of every frame sees it
     assert torch.equal(diff[:, :, [0, 1, 2, 4, 5, 6]], torch.zeros(2, 5, 6))
-    spatial = perturbed(LatteBlock(64, 4, 4.0, temporal=False))
+    spatial = perturbed(LatteBlock(64, 4, 4.0, "S"))
     diff = (spatial(x, c, ops) - spatial(x2, c, ops)).abs().amax(-1)
     assert (diff[:, 1] > 0).all() and torch.equal(diff[:, [0, 2, 3, 4]], torch.zeros(2, 4, 7))
+    joint = perturbed(LatteBlock(64, 4, 4.0, "J")).double()  # far tokens move by ~1e-7: fp64
+    diff = (joint(x.double(), c.double(), ops) - joint(x2.double(), c.double(), ops)).abs().amax(-1)
+    assert (diff > 1e-12).all()  # every token of every frame sees it
+
+
+def test_joint_block_is_spatial_attention_over_the_whole_clip():
+    # A joint block on F frames of N tokens is a spatial block on one frame of F*N tokens
+    # (same weights), given one conditioning vector for every frame.
+    torch.manual_seed(0)
+    joint = perturbed(LatteBlock(64, 4, 4.0, "J"))
+    spatial = LatteBlock(64, 4, 4.0, "S")
+    spatial.load_state_dict(joint.state_dict())
+    ops = get_backend("reference")
+    x, c = torch.randn(2, 5, 7, 64), torch.randn(2, 1, 64)
+    got = joint(x, c.expand(2, 5, 64), ops)
+    want = spatial(x.reshape(2, 1, 35, 64), c, ops).view(2, 5, 7, 64)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- options
@@ -172,7 +194,13 @@ def test_temporal_block_mixes_frames_not_tokens():
 
 def test_block_layout_and_position_embeddings():
     model = latte("T/2", backend="reference", **TINY)
-    assert [b.temporal for b in model.blocks] == [False, True, False, True]
+    assert [b.kind for b in model.blocks] == ["S", "T", "S", "T"]
+    assert model.temp_embed_at == 1  # the temporal table goes in before the first temporal block
+    joint = latte("T/2", backend="reference", block_pattern="JTT", depth=4, **TINY)
+    assert [b.kind for b in joint.blocks] == ["J", "T", "T", "J"] and joint.temp_embed_at == 0
+    for bad in ("", "SX", "st"):
+        with pytest.raises(ValueError, match="block_pattern"):
+            latte("T/2", backend="reference", block_pattern=bad, **TINY)
     names = {n for n, _ in model.named_parameters()}
     assert {"pos_embed", "temp_embed"} <= names
     fixed = latte("T/2", backend="reference", learned_pos_embed=False, **TINY)

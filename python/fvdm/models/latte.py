@@ -10,8 +10,11 @@ rearranged between blocks. Every block is conditioned per frame: t (B, F) -> c (
 six (B, F, D) adaLN-zero vectors, applied through the backend's adaln_modulate and
 gated_residual, so a frame's timestep reaches only that frame's modulation.
 
-Blocks alternate spatial, temporal, spatial, ... (block i is temporal when i is odd), so a
-Latte depth of 28 is 14 spatial + 14 temporal blocks; depth 1 is a per-frame image DiT.
+Blocks follow config.block_pattern, cycled over the depth: the default "ST" alternates
+spatial, temporal, spatial, ... (block i is temporal when i is odd), so a Latte depth of 28 is
+14 spatial + 14 temporal blocks; depth 1 is a per-frame image DiT. "J" is a joint space-time
+block (every token of a clip attends to every other, SDPA over F*N tokens): affordable only
+for small clips, where it lets a token find the same object in another frame wherever it moved.
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ class LatteConfig:
     # over each whole frame maps them to the output (U-ViT's extra conv): output pixels then
     # see their neighbours across patch borders, which a per-patch Linear cannot. 0: off (DiT).
     conv_head: int = 0
+    # Block kinds, cycled over depth: S spatial (within a frame), T temporal (fused op, along
+    # frames at one token), J joint space-time (all F*N tokens of a clip). "ST" is Latte.
+    block_pattern: str = "ST"
 
     @property
     def out_channels(self) -> int:
@@ -74,6 +80,15 @@ class LatteConfig:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         if self.conv_head < 0:
             raise ValueError(f"conv_head must be >= 0 (0: off), got {self.conv_head}")
+        if not self.block_pattern or set(self.block_pattern) - set(BLOCK_KINDS):
+            raise ValueError(
+                f"block_pattern must be a non-empty string of {'/'.join(BLOCK_KINDS)} "
+                f"(spatial, temporal, joint), got {self.block_pattern!r}"
+            )
+
+    def block_kinds(self) -> list[str]:
+        """The kind of each of the depth blocks: block_pattern repeated."""
+        return [self.block_pattern[i % len(self.block_pattern)] for i in range(self.depth)]
 
 
 # ----------------------------------------------------------------------------- embedders
@@ -160,6 +175,17 @@ class SpatialAttention(_Attention):
         return self.proj(out.transpose(1, 2).reshape(B, Fr, N, D))
 
 
+class JointAttention(_Attention):
+    """Self-attention among all F*N tokens of a clip: (B, F, N, D) seen as (B, F*N, D)."""
+
+    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        B, Fr, N, D = x.shape
+        H = self.num_heads
+        qkv = self.qkv(x).view(B, Fr * N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (3, B, H, F*N, Dh)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, F*N, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, Fr, N, D))
+
+
 class TemporalAttention(_Attention):
     """Self-attention along F for every (b, token, head). The fused op reads q, k, v in place
     from the (B, F, N, 3, H, Dh) projection and writes (B, F, N, H, Dh): no transposes."""
@@ -185,13 +211,17 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-class LatteBlock(nn.Module):
-    """adaLN-zero transformer block, spatial or temporal, conditioned per frame by c (B, F, D)."""
+BLOCK_KINDS = {"S": SpatialAttention, "T": TemporalAttention, "J": JointAttention}
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, temporal: bool):
+
+class LatteBlock(nn.Module):
+    """adaLN-zero transformer block, conditioned per frame by c (B, F, D); kind is a
+    BLOCK_KINDS letter: spatial, temporal or joint space-time attention."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kind: str = "S"):
         super().__init__()
-        self.temporal = temporal
-        self.attn = (TemporalAttention if temporal else SpatialAttention)(dim, num_heads)
+        self.kind = kind
+        self.attn = BLOCK_KINDS[kind](dim, num_heads)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -265,8 +295,10 @@ class Latte(nn.Module):
             self.register_buffer("temp_embed", temporal, persistent=False)
 
         self.blocks = nn.ModuleList(
-            LatteBlock(D, config.num_heads, config.mlp_ratio, temporal=i % 2 == 1) for i in range(config.depth)
+            LatteBlock(D, config.num_heads, config.mlp_ratio, kind) for kind in config.block_kinds()
         )
+        # The temporal table goes in once, before the first block that mixes frames.
+        self.temp_embed_at = next((i for i, k in enumerate(config.block_kinds()) if k != "S"), config.depth)
         head = config.conv_head or config.out_channels
         self.final_layer = FinalLayer(D, config.patch_size, head)
         self.conv_head = ConvHead(head, config.out_channels) if config.conv_head else None
@@ -349,7 +381,7 @@ class Latte(nn.Module):
         c = self.conditioning(t, y, Fr)  # (B, F, D)
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, F, N, D)
         for i, block in enumerate(self.blocks):
-            if i == 1:  # the temporal table goes in once, before the first temporal block
+            if i == self.temp_embed_at:
                 h = h + self.temp_embed[:, :Fr].to(h.dtype)
             if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, c, self.ops, use_reentrant=False)
