@@ -18,6 +18,8 @@ from fvdm.eval.synthetic import (
     _extension_metrics,
     _interpolation_metrics,
     evaluate_synthetic,
+    frame_hue,
+    identity_transfer,
     proxy_fvd,
     proxy_network,
     psnr,
@@ -100,7 +102,8 @@ def test_eval_synthetic_command(tiny_run, capsys):
     assert code == 0, err
     result = json.loads((tiny_run / "eval" / "synthetic.json").read_text())
     tasks = result["results"]
-    assert set(tasks) == {"unconditional", "i2v", "interpolate", "extend", "long"}
+    assert set(tasks) == {"unconditional", "i2v", "interpolate", "extend", "long", "identity"}
+    assert all(0.0 <= v <= 3**0.5 for v in tasks["identity"]["model"].values())
     # the true videos are what a perfect model would score
     assert tasks["unconditional"]["data"]["frames_with_expected_count"] == 1.0
     assert tasks["long"]["data"]["frames_with_expected_count"] == 1.0
@@ -108,6 +111,39 @@ def test_eval_synthetic_command(tiny_run, capsys):
     for task in tasks.values():
         assert all(isinstance(v, float) for v in task["model"].values())
     assert "interpolate" in out and "psnr" in out
+
+
+def test_frame_hue_is_the_colour_wherever_the_sprite_is():
+    frame = -torch.ones(2, 3, 8, 8)
+    frame[0, :2, 1:3, 1:3] = 1.0  # yellow, top left
+    frame[1, :2, 5:8, 4:7] = 1.0  # yellow, bigger, elsewhere
+    torch.testing.assert_close(frame_hue(frame), torch.tensor([[1.0, 1.0, 0.0]] * 2))
+    assert torch.equal(frame_hue(-torch.ones(3, 8, 8)), torch.zeros(3))  # black: no colour, no nan
+
+
+class _Stub(torch.nn.Module):
+    """An x0-predicting stand-in: `oracle` returns the true clips, else it returns its noisy
+    input (no information carried from the clean frame)."""
+
+    def __init__(self, model, clips, oracle):
+        super().__init__()
+        self.config, self.ops, self.clips, self.oracle = model.config, model.ops, clips, oracle
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, t, y=None, x_self=None):
+        return self.clips.to(x) if self.oracle else x
+
+
+def test_identity_transfer_scores_a_copier_zero_and_a_blind_model_high(tiny_run):
+    loaded = load_run(tiny_run, device="cpu")
+    loaded.cfg = dataclasses.replace(loaded.cfg, diffusion=dataclasses.replace(loaded.cfg.diffusion, objective="x0"))
+    clips = sprites(n=4)
+    loaded.model = _Stub(loaded.model, clips, oracle=True)
+    perfect = identity_transfer(loaded, clips)
+    assert max(perfect.values()) < 1e-5
+    loaded.model = _Stub(loaded.model, clips, oracle=False)  # its estimate is the noisy frame itself
+    blind = identity_transfer(loaded, clips)
+    assert blind["hue_error_near"] > 0.2 and blind["hue_error_far"] > 0.2
 
 
 def test_eval_synthetic_rejects_non_sprite_runs(tiny_run):

@@ -448,8 +448,8 @@ def eval_synthetic(
     run: Annotated[Path, typer.Option(help="run directory trained on data.kind: sprites")] = Path("runs/demo_cpu"),
     ckpt: Annotated[Path | None, typer.Option(help="checkpoint directory (default: the run's latest good one)")] = None,
     videos: Annotated[int, typer.Option(min=1, help="held-out videos per task")] = 32,
-    tasks: Annotated[str, typer.Option(help="comma list of unconditional, i2v, interpolate, extend, long; "
-                                            "or all")] = "all",
+    tasks: Annotated[str, typer.Option(help="comma list of unconditional, i2v, interpolate, extend, long, "
+                                            "identity (a one-step denoiser probe); or all")] = "all",
     steps: Annotated[int | None, typer.Option(min=1, help="sampler steps (default sample.steps)")] = None,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     conditioning: Annotated[str, typer.Option(help="hold (FVDM) | replace (scalar-timestep models)")] = "hold",

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fvdm.config import Config, load_config
-from fvdm.eval.synthetic import TASKS, evaluate_synthetic
+from fvdm.eval.synthetic import GENERATION_TASKS, evaluate_synthetic
 from fvdm.runs import load_run
 from fvdm.train.trainer import train
 
@@ -62,7 +62,7 @@ def run_ablation(
             if on_stage:
                 on_stage(f"evaluate {name} ({way})")
             columns[f"{name} ({way})"] = evaluate_synthetic(loaded, num_videos=videos, steps=steps, seed=seed,
-                                                            tasks=TASKS, conditioning=way, callback=on_eval)
+                                                            tasks=GENERATION_TASKS, conditioning=way, callback=on_eval)
     return {"columns": columns, "arms": arms}
 
 
