@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -301,7 +300,7 @@ inline int64_t heads_per_group(int64_t H, int64_t floats_per_head) {
 }
 
 // One token's (B, F, N, H, Dh) output rows, all heads, staged here and written per frame as
-// one run of H * Dh values (stream_copy). Call fence() before the parallel chunk ends.
+// one run of H * Dh values (stream_copy). Call stream_fence() before the parallel chunk ends.
 template <typename scalar_t>
 struct TokenOut {
   std::vector<scalar_t> buf;
@@ -312,7 +311,6 @@ struct TokenOut {
     for (int64_t f = 0; f < F; ++f)
       stream_copy(buf.data() + f * HD, dst + ((b * F + f) * N + n) * HD, HD * static_cast<int64_t>(sizeof(scalar_t)));
   }
-  static void fence() { stream_fence(); }
 };
 
 template <typename scalar_t, typename opmath_t>
@@ -360,7 +358,7 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
       }
       tok.flush(out, b, n);
     });
-    TokenOut<scalar_t>::fence();
+    stream_fence();
   });
 }
 
@@ -451,7 +449,7 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
       tdk.flush(dk_out, b, n);
       tdv.flush(dv_out, b, n);
     });
-    TokenOut<scalar_t>::fence();
+    stream_fence();
   });
 }
 

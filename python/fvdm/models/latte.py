@@ -175,15 +175,13 @@ class SpatialAttention(_Attention):
         return self.proj(out.transpose(1, 2).reshape(B, Fr, N, D))
 
 
-class JointAttention(_Attention):
-    """Self-attention among all F*N tokens of a clip: (B, F, N, D) seen as (B, F*N, D)."""
+class JointAttention(SpatialAttention):
+    """Self-attention among all F*N tokens of a clip: spatial attention over the clip seen as
+    one frame, (B, F, N, D) as (B, 1, F*N, D)."""
 
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
         B, Fr, N, D = x.shape
-        H = self.num_heads
-        qkv = self.qkv(x).view(B, Fr * N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (3, B, H, F*N, Dh)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, F*N, Dh)
-        return self.proj(out.transpose(1, 2).reshape(B, Fr, N, D))
+        return super().forward(x.reshape(B, 1, Fr * N, D), ops).view(B, Fr, N, D)
 
 
 class TemporalAttention(_Attention):
@@ -294,11 +292,10 @@ class Latte(nn.Module):
             self.register_buffer("pos_embed", spatial, persistent=False)
             self.register_buffer("temp_embed", temporal, persistent=False)
 
-        self.blocks = nn.ModuleList(
-            LatteBlock(D, config.num_heads, config.mlp_ratio, kind) for kind in config.block_kinds()
-        )
+        kinds = config.block_kinds()
+        self.blocks = nn.ModuleList(LatteBlock(D, config.num_heads, config.mlp_ratio, kind) for kind in kinds)
         # The temporal table goes in once, before the first block that mixes frames.
-        self.temp_embed_at = next((i for i, k in enumerate(config.block_kinds()) if k != "S"), config.depth)
+        self.temp_embed_at = next((i for i, k in enumerate(kinds) if k != "S"), config.depth)
         head = config.conv_head or config.out_channels
         self.final_layer = FinalLayer(D, config.patch_size, head)
         self.conv_head = ConvHead(head, config.out_channels) if config.conv_head else None
