@@ -2,7 +2,7 @@
 zero-shot tasks as schedule matrices."""
 
 from fvdm.diffusion.guidance import classifier_free_guidance
-from fvdm.diffusion.losses import LossOutput, diffusion_loss
+from fvdm.diffusion.losses import LossOutput, diffusion_loss, noised_input
 from fvdm.diffusion.objectives import (
     OBJECTIVES,
     min_snr_weights,
@@ -51,6 +51,7 @@ __all__ = [
     "classifier_free_guidance",
     "LossOutput",
     "diffusion_loss",
+    "noised_input",
     "OBJECTIVES",
     "min_snr_weights",
     "predict_x0_eps",

@@ -116,6 +116,20 @@ def _self_condition_input(model_fn, schedule, x_t, model_t, t, use, objective, C
     return x_self
 
 
+def noised_input(
+    schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, held: torch.Tensor | None, ops
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the network sees for clean clips x0 (B, F, ...) at valid per-frame times t (B, F):
+    (x_t, model times), with held frames ((B, F) bool, or None) exactly x0 at the clean time,
+    FVDM's way of giving frames."""
+    x_t = schedule.q_sample(x0, noise, t, ops)
+    model_t = schedule.model_time(t)
+    if held is not None:
+        x_t = torch.where(per_frame(held, x0), x0, x_t)
+        model_t = torch.where(held, schedule.model_time(torch.full_like(t, schedule.clean_time)), model_t)
+    return x_t, model_t
+
+
 def diffusion_loss(
     model_fn: ModelFn,
     schedule: Schedule,
@@ -172,11 +186,7 @@ def diffusion_loss(
     elif noise.shape != x0.shape:
         raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
 
-    x_t = schedule.q_sample(x0, noise, t, ops)
-    model_t = schedule.model_time(t)
-    if held is not None:
-        x_t = torch.where(per_frame(held, x0), x0, x_t)
-        model_t = torch.where(held, schedule.model_time(torch.full_like(t, schedule.clean_time)), model_t)
+    x_t, model_t = noised_input(schedule, x0, noise, t, held, ops)
 
     C = x0.shape[2]
     if self_condition is None:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from fvdm.build import build_schedule
 from fvdm.data import MovingSprites
-from fvdm.diffusion import DDPMSchedule, predict_x0_eps
+from fvdm.diffusion import DDPMSchedule, noised_input, predict_x0_eps
 from fvdm.errors import UserError
 from fvdm.eval.frechet import FeatureStats, frechet_from_stats
 from fvdm.eval.sprites import expected_sprites, frame_blobs, score_videos
@@ -260,17 +260,15 @@ def identity_transfer(run: LoadedRun, clips: torch.Tensor, noise_level: float = 
         t_noisy = torch.tensor(int(noise_level * (schedule.num_timesteps - 1)), device=device)
     else:
         t_noisy = torch.tensor(noise_level, device=device)
-    clean = schedule.model_time(torch.full_like(t_noisy, schedule.clean_time))
     g = torch.Generator().manual_seed(seed)
     errors = []
     for chunk in clips.split(batch_size):
         x0 = run.codec.encode(chunk.to(device))
         B, Fr = x0.shape[:2]
-        t = t_noisy.expand(B, Fr).clone()
-        x_t = schedule.q_sample(x0, torch.randn(x0.shape, generator=g).to(x0), t, model.ops)
-        x_t[:, 0] = x0[:, 0]
-        model_t = schedule.model_time(t)
-        model_t[:, 0] = clean
+        t = t_noisy.expand(B, Fr)
+        held = torch.zeros(B, Fr, dtype=torch.bool, device=device)
+        held[:, 0] = True
+        x_t, model_t = noised_input(schedule, x0, torch.randn(x0.shape, generator=g).to(x0), t, held, model.ops)
         y = torch.full((B,), model.config.num_classes, device=device) if model.config.num_classes else None
         x_self = torch.zeros_like(x_t) if model.config.self_condition else None
         pred = model(x_t, model_t, y, x_self)[:, :, : x0.shape[2]].to(x0.dtype)
