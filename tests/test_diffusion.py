@@ -455,7 +455,7 @@ class SelfConditionedDenoiser(FakeDenoiser):
         self.inputs: list[torch.Tensor] = []
         self.grad_modes: list[bool] = []
 
-    def __call__(self, x, t, x_self):
+    def __call__(self, x, t, x_self, rows=None):
         self.estimates.append(x_self.clone())
         self.inputs.append(x.clone())
         self.grad_modes.append(torch.is_grad_enabled())
@@ -490,11 +490,26 @@ def test_self_conditioning_loss_makes_a_no_grad_first_pass_for_chosen_clips():
     w = torch.zeros(1, requires_grad=True)
 
     model = SelfConditionedDenoiser(dtype=torch.float32)
-    out = diffusion_loss(lambda x, tt, xs: model(x, tt, xs) + w, sch, x0, t, objective="v", generator=gen(1),
-                         self_condition=torch.tensor([True, False]), backend="reference")
+    seen_rows = []
+
+    def model_fn(x, tt, xs, rows=None):
+        seen_rows.append(rows)
+        return model(x, tt, xs) + w
+
+    noise = torch.randn(SHAPE, generator=gen(1))
+    out = diffusion_loss(model_fn, sch, x0, t, objective="v", noise=noise,
+                         self_condition=torch.tensor([False, True]), backend="reference")
     assert model.grad_modes == [False, True]  # estimate without gradient, then the trained pass
+    # the first pass sees only the chosen clip, and is told which one it is
+    assert seen_rows[0].tolist() == [1] and seen_rows[1] is None
+    x_t = sch.q_sample(x0, noise, t, get_backend("reference"))
+    assert torch.equal(model.inputs[0], x_t[1:]) and torch.equal(model.inputs[1], x_t)
     est = model.estimates[1]
-    assert torch.equal(est[1], torch.zeros_like(est[1])) and est[0].abs().sum() > 0
+    assert torch.equal(est[0], torch.zeros_like(est[0])) and est[1].abs().sum() > 0
+    x0_hat = model.estimates[1][1]  # the estimate the trained pass gets is the first pass's x0
+    a, s = (c.float() for c in sch.alpha_sigma(t[1:]))
+    pred = FakeDenoiser.__call__(model, x_t[1:], sch.model_time(t[1:]))
+    assert torch.allclose(x0_hat, (a.view(1, -1, 1, 1, 1) * x_t[1:] - s.view(1, -1, 1, 1, 1) * pred)[0], atol=1e-5)
     out.loss.backward()
     assert w.grad is not None
     model = SelfConditionedDenoiser(dtype=torch.float32)

@@ -219,6 +219,28 @@ def test_gradient_checkpointing_gives_same_gradients():
         torch.testing.assert_close(g_c[name], g_p[name], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_attention_under_autograd_matches_fp32(dtype):
+    """The spatial/joint attention helper (math backend for half types under autograd on the
+    CPU) gives the fp32 values and gradients, to the type's precision."""
+    from fvdm.models.latte import sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(3, 2, 24, 16, generator=g) for _ in range(4))
+    leaves32 = [a.clone().requires_grad_() for a in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*leaves32)
+    ref.backward(dout)
+    leaves = [a.to(dtype).requires_grad_() for a in (q, k, v)]
+    out = sdpa(*leaves)
+    out.backward(dout.to(dtype))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    for low, high in zip(leaves, leaves32):
+        torch.testing.assert_close(low.grad.float(), high.grad, atol=3e-2, rtol=3e-2)
+    with torch.no_grad():  # sampling: the default kernel, same values
+        torch.testing.assert_close(sdpa(*(a.to(dtype) for a in (q, k, v))).float(), ref, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("backend", ["reference", pytest.param("fused", marks=needs_c)])
 def test_bf16_autocast(backend):
     depth = 2

@@ -196,8 +196,9 @@ def test_class_conditional_training_on_a_video_folder(tmp_path):
             video = torch.full((6, 3, 8, 8), level) + 0.1 * torch.linspace(0, 1, 6)[:, None, None, None]
             media.save_video(tmp_path / "data" / name / f"v{v}.mp4", video, fps=4, scale=1)
     run = tmp_path / "run"
+    # self-conditioning too: its first pass sees only some clips, so their labels must follow
     cfg = tiny("data.kind=videos", f"data.root={tmp_path / 'data'}", "model.num_classes=2", "train.steps=2",
-               "train.ckpt_every=2", "sample.guidance_scale=2.0")
+               "train.ckpt_every=2", "sample.guidance_scale=2.0", "model.self_condition=true")
     res = train(cfg, run, progress=False)
     assert res.step == 2
     loaded = load_run(run)

@@ -102,17 +102,18 @@ def vb_term(
 
 def _self_condition_input(model_fn, schedule, x_t, model_t, t, use, objective, C, ops) -> torch.Tensor:
     """x_self for the training pass: the model's own x0 estimate (no gradient) for clips in
-    `use`, zeros for the others."""
+    `use`, zeros for the others. The first pass sees only the chosen clips (half the batch on
+    average, so it costs half a forward pass), as model_fn(x, t, x_self, rows=their indices)."""
     x_self = torch.zeros_like(x_t)
     use = use.to(x_t.device)
     if use.shape != (x_t.shape[0],) or use.dtype != torch.bool:
         raise ValueError(f"self_condition must be a ({x_t.shape[0]},) bool mask, got {tuple(use.shape)} {use.dtype}")
-    if bool(use.any()):
+    rows = use.nonzero().squeeze(1)
+    if len(rows):
         with torch.no_grad():
-            first = model_fn(x_t, model_t, x_self)[:, :, :C].to(x_t.dtype)
-            a, s = schedule.alpha_sigma(t)
-            x0_hat = x0_estimate(x_t, first, prediction_coeffs(objective, a, s), ops)
-        x_self = torch.where(use.view(-1, *([1] * (x_t.dim() - 1))), x0_hat, x_self)
+            first = model_fn(x_t[rows], model_t[rows], x_self[rows], rows=rows)[:, :, :C].to(x_t.dtype)
+            a, s = schedule.alpha_sigma(t[rows])
+            x_self[rows] = x0_estimate(x_t[rows], first, prediction_coeffs(objective, a, s), ops)
     return x_self
 
 
@@ -152,8 +153,9 @@ def diffusion_loss(
     learn_sigma: the model outputs 2C channels (prediction, variance values); adds the VB term
     (DDPM only). self_condition: for a self-conditioning model, model_fn(x_t, t, x_self); a (B,)
     bool mask of the clips that first get the model's own x0 estimate (a no-grad pass with
-    zeros), the others get zeros (Chen et al. 2022 draw it with probability 1/2). None: the
-    model takes no estimate."""
+    zeros over those clips only, called with rows=their indices in the batch so that a model_fn
+    holding per-clip inputs of its own, like class labels, can pick theirs), the others get
+    zeros (Chen et al. 2022 draw it with probability 1/2). None: the model takes no estimate."""
     check_objective(objective)
     ops = get_backend(backend)
     if x0.dim() < 3:

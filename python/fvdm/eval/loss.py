@@ -38,7 +38,7 @@ def held_out_loss(model: torch.nn.Module, cfg: Config, num_clips: int = 32, batc
             noise = torch.randn(x0.shape, generator=g)
             # a self-conditioning model is scored as it samples: with its own first estimate
             self_cond = torch.ones(B, dtype=torch.bool) if model.config.self_condition else None
-            out = diffusion_loss(lambda x, tt, *x_self: model(x, tt, None, *x_self), schedule, x0.to(device),
+            out = diffusion_loss(lambda x, tt, *x_self, rows=None: model(x, tt, None, *x_self), schedule, x0.to(device),
                                  t.to(device), objective=cfg.diffusion.objective, noise=noise.to(device),
                                  learn_sigma=cfg.model.learn_sigma, self_condition=self_cond, backend=model.backend)
             total += float(out.mse.mean()) * B
