@@ -76,7 +76,7 @@ def test_fused_matches_reference_full_model():
 
 @needs_c
 def test_fused_matches_reference_with_conv_head():
-    assert_backends_agree(depth=2, conv_head=8)
+    assert_backends_agree(depth=2, conv_head=8, conv_head_layers=2)
 
 
 @needs_c
@@ -105,6 +105,25 @@ def test_conv_head_starts_at_zero_and_reaches_across_patch_borders():
     assert torch.equal(diff[6:, :], torch.zeros(2, 8)) and torch.equal(diff[:, 6:], torch.zeros(8, 2))
     with pytest.raises(ValueError, match="conv_head"):
         latte_config("T/2", conv_head=-1).validate()
+
+
+def test_deeper_conv_head_reaches_one_more_pixel_per_layer():
+    def reach(layers: int) -> torch.Tensor:
+        m = perturbed(latte("T/2", backend="reference", depth=1, conv_head=8, conv_head_layers=layers, **TINY)).eval()
+        h = torch.randn(1, 1, 16, 4 * 8)
+        h2 = h.clone()
+        h2[0, 0, 5] += 1.0  # patch (row 1, col 1): pixels rows 2-3, cols 2-3
+        with torch.no_grad():
+            return (m.conv_head(m.unpatchify(h2)) - m.conv_head(m.unpatchify(h))).abs().sum(2)[0, 0] > 0
+
+    two, three = reach(2), reach(3)
+    assert two[0:6, 0:6].all() and not two[6:, :].any() and not two[:, 6:].any()  # a two-pixel ring
+    assert three[0:7, 0:7].all() and not three[7:, :].any() and not three[:, 7:].any()
+    # the one-layer head keeps its parameter names, so checkpoints from before still load
+    one = latte("T/2", backend="reference", conv_head=8, **TINY).state_dict()
+    assert sorted(k for k in one if k.startswith("conv_head.")) == ["conv_head.conv.bias", "conv_head.conv.weight"]
+    with pytest.raises(ValueError, match="conv_head_layers"):
+        latte_config("T/2", conv_head=8, conv_head_layers=0).validate()
 
 
 # ----------------------------------------------------------------------------- per-frame conditioning

@@ -42,6 +42,7 @@ class ModelConfig:
     grad_checkpointing: bool = False
     self_condition: bool = False  # also feed the previous clean estimate (Chen et al. 2022); 2 passes on half the clips
     conv_head: int = 0  # > 0: a 3x3 conv over whole frames after the patch Linear (U-ViT), with this many channels
+    conv_head_layers: int = 1  # 3x3 convs in the conv head (layers - 1 residual ones, then the output one)
     block_pattern: str = "ST"  # block kinds cycled over depth: S spatial, T temporal, J joint space-time (small clips)
     backend: str = "auto"  # fused | reference | auto (fused kernels when built)
 

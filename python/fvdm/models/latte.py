@@ -56,6 +56,10 @@ class LatteConfig:
     # over each whole frame maps them to the output (U-ViT's extra conv): output pixels then
     # see their neighbours across patch borders, which a per-patch Linear cannot. 0: off (DiT).
     conv_head: int = 0
+    # 3x3 convolutions in the conv head: layers - 1 residual ones at conv_head channels (SiLU,
+    # conv, added back), then the one to the output. More than 1 gives each output pixel a 5x5,
+    # 7x7 ... view at pixel level, where flat interiors and straight edges are local patterns.
+    conv_head_layers: int = 1
     # Block kinds, cycled over depth: S spatial (within a frame), T temporal (fused op, along
     # frames at one token), J joint space-time (all F*N tokens of a clip). "ST" is Latte.
     block_pattern: str = "ST"
@@ -81,6 +85,8 @@ class LatteConfig:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         if self.conv_head < 0:
             raise ValueError(f"conv_head must be >= 0 (0: off), got {self.conv_head}")
+        if self.conv_head_layers < 1:
+            raise ValueError(f"conv_head_layers must be >= 1, got {self.conv_head_layers}")
         if not self.block_pattern or set(self.block_pattern) - set(BLOCK_KINDS):
             raise ValueError(
                 f"block_pattern must be a non-empty string of {'/'.join(BLOCK_KINDS)} "
@@ -263,14 +269,19 @@ class FinalLayer(nn.Module):
 
 
 class ConvHead(nn.Module):
-    """(B, F, C_hidden, H, W) -> SiLU -> 3x3 conv per frame -> (B, F, C_out, H, W)."""
+    """(B, F, C_hidden, H, W) -> [h + 3x3 conv(SiLU(h))] * (layers - 1) -> SiLU -> 3x3 conv
+    -> (B, F, C_out, H, W), per frame."""
 
-    def __init__(self, hidden: int, out_channels: int):
+    def __init__(self, hidden: int, out_channels: int, layers: int = 1):
         super().__init__()
+        self.hidden_convs = nn.ModuleList(nn.Conv2d(hidden, hidden, kernel_size=3, padding=1) for _ in range(layers - 1))
         self.conv = nn.Conv2d(hidden, out_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.silu(x.flatten(0, 1))).unflatten(0, x.shape[:2])
+        h = x.flatten(0, 1)
+        for conv in self.hidden_convs:
+            h = h + conv(F.silu(h))
+        return self.conv(F.silu(h)).unflatten(0, x.shape[:2])
 
 
 # ----------------------------------------------------------------------------- model
@@ -312,7 +323,7 @@ class Latte(nn.Module):
         self.temp_embed_at = next((i for i, k in enumerate(kinds) if k != "S"), config.depth)
         head = config.conv_head or config.out_channels
         self.final_layer = FinalLayer(D, config.patch_size, head)
-        self.conv_head = ConvHead(head, config.out_channels) if config.conv_head else None
+        self.conv_head = ConvHead(head, config.out_channels, config.conv_head_layers) if config.conv_head else None
         self.initialize_weights()
 
     def set_backend(self, backend: str) -> None:
