@@ -30,7 +30,14 @@ def _inputs(shape, dtype, seed, layout="contiguous"):
 def test_adaln_forward_matches_reference(shape, dtype, layout, seed):
     x, shift, scale = _inputs(shape, dtype, seed, layout)
     exact = adaln_modulate_ref(x.double(), shift.double(), scale.double())
-    assert_matches_reference(adaln_modulate(x, shift, scale), adaln_modulate_ref(x, shift, scale), exact)
+    # A nearly constant row (D = 3 drew 2.5166, 2.5175, 2.5204) keeps few digits of x - mean in
+    # any implementation of this dtype: one rounding of the mean (eps |x|) is amplified by rstd
+    # and (1 + scale); the eager reference may land closer or farther by luck.
+    xd = x.double()
+    rstd = (xd.var(-1, unbiased=False, keepdim=True) + 1e-6).rsqrt()
+    cond = torch.finfo(dtype).eps * float((xd.abs() * rstd * (1 + scale.double()).abs()[:, :, None]).max())
+    assert_matches_reference(adaln_modulate(x, shift, scale), adaln_modulate_ref(x, shift, scale), exact,
+                             conditioning_slack=cond)
 
 
 @settings(max_examples=40, deadline=None)
