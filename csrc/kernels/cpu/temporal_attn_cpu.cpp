@@ -303,15 +303,19 @@ inline int64_t heads_per_group(int64_t H, int64_t floats_per_head) {
 
 // One token's (B, F, N, H, Dh) output rows, all heads, staged here and written per frame as
 // one run of H * Dh values (stream_copy). Call stream_fence() before the parallel chunk ends.
+// Frame rows are ld = H * Dh + (pad(Dh) - Dh) apart, so a GEMM may write a head's Dh-padded row
+// in place: with heads written in ascending order, head h's padding lands where head h + 1
+// writes next, and the last head's in the gap.
 template <typename scalar_t>
 struct TokenOut {
   std::vector<scalar_t> buf;
-  int64_t F, N, HD;
-  TokenOut(int64_t F_, int64_t N_, int64_t H, int64_t Dh) : buf(F_ * H * Dh), F(F_), N(N_), HD(H * Dh) {}
-  scalar_t* row(int64_t f, int64_t h, int64_t Dh) { return buf.data() + f * HD + h * Dh; }
+  int64_t F, N, HD, ld;
+  TokenOut(int64_t F_, int64_t N_, int64_t H, int64_t Dh)
+      : buf(F_ * (H * Dh + pad(Dh) - Dh)), F(F_), N(N_), HD(H * Dh), ld(H * Dh + pad(Dh) - Dh) {}
+  scalar_t* row(int64_t f, int64_t h, int64_t Dh) { return buf.data() + f * ld + h * Dh; }
   void flush(scalar_t* dst, int64_t b, int64_t n) const {
     for (int64_t f = 0; f < F; ++f)
-      stream_copy(buf.data() + f * HD, dst + ((b * F + f) * N + n) * HD, HD * static_cast<int64_t>(sizeof(scalar_t)));
+      stream_copy(buf.data() + f * ld, dst + ((b * F + f) * N + n) * HD, HD * static_cast<int64_t>(sizeof(scalar_t)));
   }
 };
 
@@ -331,7 +335,8 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
   const int64_t q_sz = F * Dh, v_sz = F * Dhp;
   const int64_t HG = heads_per_group(H, 2 * q_sz + v_sz);
   // fp32/fp64 (no conversion): k^T is transposed straight from the F source rows, which the
-  // prefetch has brought to L2, instead of from a gathered copy (S fwd -6%, XL -2-4%).
+  // prefetch has brought to L2, instead of from a gathered copy (S fwd -6%, XL -2-4%), and
+  // O = P V is written straight into the output stage.
   constexpr bool kDirectK = std::is_same_v<scalar_t, opmath_t>;
   at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
     Buf<opmath_t> q(HG * q_sz), k(kDirectK ? 0 : HG * q_sz), kt(Dh * Fp), v(HG * v_sz), s(F * Fp), allow(F * Fp), o(F * Dhp), tmp(Dh);
@@ -364,8 +369,12 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
           gemm(q() + g * q_sz, Dh, kt(), Fp, s(), Fp, F, Dh, Fp);                 // S = Q K^T
           if (prefetch) prefetch_head(V, b1, n1, h, F, Dh);
           softmax_rows(s(), allow(), any, F, Fp, scale, lse + (token * H + h) * F);  // P, normalised
-          gemm(s(), Fp, v() + g * v_sz, Dhp, o(), Dhp, F, F, Dhp);                // O = P V
-          for (int64_t i = 0; i < F; ++i) from_opmath(o() + i * Dhp, tok.row(i, h, Dh), Dh);
+          if constexpr (kDirectK) {  // O = P V, straight into the output stage
+            gemm(s(), Fp, v() + g * v_sz, Dhp, tok.row(0, h, Dh), tok.ld, F, F, Dhp);
+          } else {
+            gemm(s(), Fp, v() + g * v_sz, Dhp, o(), Dhp, F, F, Dhp);              // O = P V
+            for (int64_t i = 0; i < F; ++i) from_opmath(o() + i * Dhp, tok.row(i, h, Dh), Dh);
+          }
         }
       }
       tok.flush(out, b, n);
