@@ -119,6 +119,10 @@ def test_unknown_config_key_and_bad_option(capsys, tmp_path):
     assert_one_line_error(code, err, "--bogus-flag")
     code, _, err = cli(capsys, "sample", "i2v", "--conditioning", "inpaint", "--run", "x")
     assert_one_line_error(code, err, "--conditioning", "inpaint")
+    code, _, err = cli(capsys, "sample", "unconditional", "--noise-scale", "-0.5", "--run", "x")
+    assert_one_line_error(code, err, "--noise-scale", "-0.5")
+    code, _, err = cli(capsys, "train", "--out", str(tmp_path / "r"), "sample.noise_scale=-1")
+    assert_one_line_error(code, err, "sample.noise_scale")
 
 
 def test_missing_and_unreadable_inputs(capsys, run_dir, tmp_path):

@@ -240,13 +240,14 @@ def test_vb_term_trains_only_the_variance_channels():
 
 
 def ho_ddpm(model, betas: torch.Tensor, timesteps: list[int], x: torch.Tensor, g: torch.Generator,
-            learned: bool = False) -> torch.Tensor:
+            learned: bool = False, noise_scale: float = 1.0) -> torch.Tensor:
     """Ho et al. 2020 ancestral sampling, written per step from the paper: x0 from eps, then the
     posterior mean mu~ = sqrt(ab_{t-1}) beta_t / (1 - ab_t) x0 + sqrt(alpha_t)(1 - ab_{t-1}) / (1 - ab_t) x_t
     and variance beta~_t = (1 - ab_{t-1}) / (1 - ab_t) beta_t; no noise at the last step.
     `timesteps` are the original indices; a subsequence uses its respaced betas. learned:
     Nichol & Dhariwal 2021 eq. 15, log var = frac log beta_t + (1 - frac) log beta~_t with
-    frac = (v + 1) / 2 from the model's second half of channels."""
+    frac = (v + 1) / 2 from the model's second half of channels. noise_scale multiplies the
+    fresh noise (the sampling temperature)."""
     ab_full = torch.cumprod(1 - betas, 0)
     ab_seq = ab_full[torch.tensor(sorted(timesteps))]
     betas_seq = 1 - ab_seq / torch.cat([torch.ones(1, dtype=ab_seq.dtype), ab_seq[:-1]])
@@ -265,7 +266,7 @@ def ho_ddpm(model, betas: torch.Tensor, timesteps: list[int], x: torch.Tensor, g
             if learned:
                 frac = (out[:, :, C:] + 1) / 2
                 std = torch.exp(0.5 * (frac * math.log(beta) + (1 - frac) * math.log(var)))
-            x = mean + std * torch.randn(x.shape, generator=g, dtype=x.dtype)
+            x = mean + noise_scale * std * torch.randn(x.shape, generator=g, dtype=x.dtype)
         else:
             x = mean
     return x
@@ -295,19 +296,42 @@ def song_ddim(model, betas, timesteps: list[int], x, g, eta: float, objective: s
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("steps,learned", [(1000, False), (50, False), (1000, True), (50, True)])
-def test_equal_columns_reproduce_ddpm(backend, steps, learned):
+@pytest.mark.parametrize("steps,learned,noise_scale",
+                         [(1000, False, 1.0), (50, False, 1.0), (1000, True, 1.0), (50, True, 1.0), (50, False, 0.7),
+                          (50, True, 0.7)])
+def test_equal_columns_reproduce_ddpm(backend, steps, learned, noise_scale):
     sch = ddpm_schedule("linear")
     ladder = ddpm_ladder(steps)
     S, _ = unconditional(ladder, SHAPE[1])
     out_channels = 4 if learned else 2
     got = sample(FakeDenoiser(out_channels=out_channels), sch, S, shape=SHAPE, dtype=torch.float64, method="ddpm",
-                 learn_sigma=learned, generator=gen(7), backend=backend)
+                 learn_sigma=learned, noise_scale=noise_scale, generator=gen(7), backend=backend)
     g = gen(7)
     x = torch.randn(SHAPE, generator=g, dtype=torch.float64)
-    want = ho_ddpm(FakeDenoiser(out_channels=out_channels), sch.betas, ladder[:-1].tolist(), x, g, learned)
+    want = ho_ddpm(FakeDenoiser(out_channels=out_channels), sch.betas, ladder[:-1].tolist(), x, g, learned,
+                   noise_scale)
     assert want.abs().max() > 0.1
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_zero_noise_scale_is_deterministic(method):
+    """noise_scale 0 leaves the starting noise as the only randomness: the same x_init gives
+    the same video whatever the generator, and the steps' fresh noise is what 1 adds."""
+    sch = ddpm_schedule("cosine")
+    S, _ = unconditional(ddpm_ladder(20), SHAPE[1])
+    x_init = torch.randn(SHAPE, generator=gen(11), dtype=torch.float64)
+    run = lambda seed, scale: sample(FakeDenoiser(), sch, S, x_init=x_init, method=method, eta=1.0,  # noqa: E731
+                                     noise_scale=scale, generator=gen(seed))
+    torch.testing.assert_close(run(1, 0.0), run(2, 0.0), atol=0, rtol=0)
+    assert not torch.allclose(run(1, 1.0), run(2, 1.0))
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_bad_noise_scale_is_named(bad):
+    S, _ = unconditional(ddpm_ladder(4), SHAPE[1])
+    with pytest.raises(ValueError, match="noise_scale"):
+        sample(FakeDenoiser(), ddpm_schedule(), S, shape=SHAPE, method="ddpm", noise_scale=bad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

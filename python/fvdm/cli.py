@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -329,6 +330,8 @@ def sample(
     steps: Annotated[int | None, typer.Option(help="sampler steps (default sample.steps)")] = None,
     method: Annotated[str | None, typer.Option(help="ddpm | ddim | euler (default: ddim, or euler for flow)")] = None,
     eta: Annotated[float | None, typer.Option(help="DDIM eta (0: deterministic)")] = None,
+    noise_scale: Annotated[float | None, typer.Option(help="temperature of each step's fresh noise, ddpm or ddim "
+                                                          "eta > 0 (1: exact; default sample.noise_scale)")] = None,
     guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (class-conditional models)")] = None,
     label: Annotated[int | None, typer.Option(help="class id (class-conditional models)")] = None,
     lag: Annotated[int, typer.Option(help="rolling: steps between consecutive frames' starts")] = 1,
@@ -357,6 +360,8 @@ def sample(
     for name, value in (("--num", num), ("--steps", steps), ("--frames", frames), ("--lag", lag)):
         if value is not None and value < 1:
             fail(f"{name} must be >= 1, got {value}")
+    if noise_scale is not None and not (math.isfinite(noise_scale) and noise_scale >= 0):
+        fail(f"--noise-scale must be a finite number >= 0, got {noise_scale}")
     idx = None
     if keyframes is not None:
         try:
@@ -384,7 +389,7 @@ def sample(
         with progress_bar(f"sample {name}", console=console, disable=not show_progress) as bar:
             bar_task = bar.add_task(name, total=None)
             result = generate(
-                model, cfg, name, num_videos=n_videos, steps=steps, method=method, eta=eta,
+                model, cfg, name, num_videos=n_videos, steps=steps, method=method, eta=eta, noise_scale=noise_scale,
                 seed=cfg.sample.seed if seed is None else seed, device=next(model.parameters()).device,
                 condition=cond, keyframe_indices=idx, total_frames=frames, lag=lag,
                 labels=None if label is None else torch.tensor([label]), guidance_scale=guidance,

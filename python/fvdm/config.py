@@ -105,6 +105,7 @@ class SampleConfig:
     method: str | None = None  # ddpm | ddim | euler; None: ddim for DDPM schedules, euler for flow
     steps: int = 50
     eta: float = 0.0
+    noise_scale: float = 1.0  # temperature of each step's fresh noise (ddpm, ddim eta > 0); 1: exact
     clip_x0: float | None = None  # clamp each step's x0 estimate to [-c, c]; None (the reference): no clamp
     guidance_scale: float = 1.0
     num_videos: int = 4
@@ -162,7 +163,8 @@ class Config:
             if self.get(key) < 1:
                 raise UserError(f"{key} must be >= 1, got {self.get(key)}")
         for key in ("train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip_after",
-                    "train.sample_every", "train.keep_checkpoints", "data.num_workers", "sample.eta"):
+                    "train.sample_every", "train.keep_checkpoints", "data.num_workers", "sample.eta",
+                    "sample.noise_scale"):
             if self.get(key) < 0:
                 raise UserError(f"{key} must be >= 0, got {self.get(key)}")
         if self.diffusion.min_snr_gamma is not None and not self.diffusion.min_snr_gamma > 0:

@@ -74,6 +74,7 @@ def generate(
     steps: int | None = None,
     method: str | None = None,
     eta: float | None = None,
+    noise_scale: float | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
     condition: torch.Tensor | None = None,
@@ -97,6 +98,7 @@ def generate(
     sc = cfg.sample
     steps = steps or sc.steps
     eta = sc.eta if eta is None else eta
+    noise_scale = sc.noise_scale if noise_scale is None else noise_scale
     method = method or sc.method
     codec = codec or Codec()
     device = torch.device(device)
@@ -108,7 +110,8 @@ def generate(
     model_fn = _model_fn(model, cfg, num_videos, labels, guidance_scale, device)
     g = torch.Generator(device).manual_seed(seed)
     ladder = ladder_for(schedule, steps)
-    kwargs = dict(method=method, objective=cfg.diffusion.objective, eta=eta, learn_sigma=cfg.model.learn_sigma,
+    kwargs = dict(method=method, objective=cfg.diffusion.objective, eta=eta, noise_scale=noise_scale,
+                  learn_sigma=cfg.model.learn_sigma,
                   generator=g, device=device, backend=model.backend, conditioning=conditioning,
                   self_condition=model.config.self_condition,
                   clip_x0=cfg.sample.clip_x0 if cfg.data.vae is None else None)  # latents are not in [-1, 1]

@@ -15,6 +15,7 @@ combinations of (x_t, prediction); folding the two gives (B, F, 3) coefficients 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -120,6 +121,7 @@ def sample(
     objective: str = "eps",
     eta: float = 0.0,
     variance: str = "small",
+    noise_scale: float = 1.0,
     learn_sigma: bool = False,
     held: torch.Tensor | None = None,
     x0_held: torch.Tensor | None = None,
@@ -143,8 +145,13 @@ def sample(
     to [-clip_x0, clip_x0] (pixel-space data in [-1, 1]: 1.0, as guided-diffusion's
     clip_denoised; None, the reference's FVD setting, leaves it). self_condition: the model
     takes model_fn(x, t, x_self), x_self the previous step's x0 estimate (zeros at first; the
-    clean values for held frames). Returns x (B, F, C, H, W)."""
+    clean values for held frames). noise_scale: multiplies the fresh noise of every ddpm (or
+    ddim eta > 0) step, not the starting noise: the sampling temperature (1: the exact
+    posterior; < 1 trades diversity for cleaner samples from an undertrained model). Returns
+    x (B, F, C, H, W)."""
     check_objective(objective)
+    if not (math.isfinite(noise_scale) and noise_scale >= 0):
+        raise ValueError(f"noise_scale must be a finite number >= 0, got {noise_scale!r}")
     if clip_x0 is not None and not clip_x0 > 0:
         raise ValueError(f"clip_x0 must be a positive bound or None, got {clip_x0!r}")
     if conditioning not in CONDITIONING:
@@ -197,7 +204,7 @@ def sample(
         moving = t != s
         if bool(moving.any()):
             x, x_self = _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops,
-                              x, t, s, moving, generator, clip_x0, x_self)
+                              x, t, s, moving, generator, clip_x0, x_self, noise_scale)
             if any_held and not replace:  # bit-exact whatever the arithmetic did
                 x = torch.where(per_frame(hold, x), x0_held, x)
         if callback is not None:
@@ -208,7 +215,7 @@ def sample(
 
 
 def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops, x, t, s, moving, generator,
-          clip_x0=None, x_self=None):
+          clip_x0=None, x_self=None, noise_scale=1.0):
     """One step of the loop for frames at times t (B, F) going to s; frames not moving keep x.
     Returns (x at s, the x0 estimate for self-conditioning or None)."""
     B, Fr, C = x.shape[:3]
@@ -238,6 +245,7 @@ def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops
         if x_self is not None:  # frames that stay put keep their earlier estimate
             x_self = torch.where(per_frame(moving, x), x0_hat, x_self)
     coeffs = fold_weights(w, P)
+    coeffs[..., 2] *= noise_scale
     keep = torch.tensor([1.0, 0.0, 0.0], dtype=coeffs.dtype, device=coeffs.device)
     coeffs = torch.where(moving[..., None], coeffs, keep)
     if not bool(torch.isfinite(coeffs).all()):
@@ -255,7 +263,7 @@ def _step(model_fn, schedule, method, objective, eta, variance, learn_sigma, ops
         min_log, max_log = ddpm_log_variance_bounds(schedule, safe_t, safe_s)
         logvar = frac * per_frame(max_log.to(ct), frac) + (1 - frac) * per_frame(min_log.to(ct), frac)
         z = (torch.exp(0.5 * logvar) * z).to(x.dtype)
-        coeffs = torch.cat([coeffs[..., :2], noisy[..., None].to(coeffs.dtype)], dim=-1)
+        coeffs = torch.cat([coeffs[..., :2], noise_scale * noisy[..., None].to(coeffs.dtype)], dim=-1)
     return ops.frame_combine([x, pred, z], coeffs), x_self
 
 
