@@ -34,6 +34,24 @@ std::vector<acc_t> frame_chunked_reduce(int64_t BF, int64_t N, int64_t width, co
   return sums;
 }
 
+// Sum of f(d) for d in [0, D) with four vector-wide accumulators. A single accumulator makes a
+// row reduction wait on the add latency at every vector; with four the adds overlap.
+template <typename T, typename F>
+inline T lane_sum(int64_t D, const F& f) {
+  constexpr int64_t kLanes = 4 * 64 / static_cast<int64_t>(sizeof(T));  // four 512-bit registers
+  T acc[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += f(d + j);
+  }
+  T s = 0;
+  for (; d < D; ++d) s += f(d);
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < kLanes; ++j) s += acc[j];  // vector adds, not a chain of 64 scalar ones
+  return s;
+}
+
 // Rows per parallel task so that each task moves roughly 64 KiB of elements.
 inline int64_t grain_rows(int64_t row_len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1)); }
 

@@ -76,13 +76,8 @@ void adaln_fwd_impl(const AdalnFwdParams& p) {
       const opmath_t* __restrict__ sh = t.a.data();
       const opmath_t* __restrict__ sc1 = t.b.data();
       opmath_t* __restrict__ o = out_row(y + row * D, out_buf.data(), stream);
-      opmath_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t d = 0; d < D; ++d) sum += r[d];
-      const opmath_t mean = sum * inv_d;
-      opmath_t sq = 0;
-#pragma omp simd reduction(+ : sq)
-      for (int64_t d = 0; d < D; ++d) sq += (r[d] - mean) * (r[d] - mean);
+      const opmath_t mean = lane_sum<opmath_t>(D, [r](int64_t d) { return r[d]; }) * inv_d;
+      const opmath_t sq = lane_sum<opmath_t>(D, [r, mean](int64_t d) { return (r[d] - mean) * (r[d] - mean); });
       const opmath_t rstd = opmath_t(1) / std::sqrt(sq * inv_d + eps);
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) o[d] = (r[d] - mean) * rstd * sc1[d] + sh[d];
