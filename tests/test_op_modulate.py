@@ -54,8 +54,20 @@ def test_adaln_backward_matches_reference(shape, dtype, seed):
     exact = grads(adaln_modulate_ref, x.double(), shift.double(), scale.double())
     fused = grads(adaln_modulate, x, shift, scale)
     ref = grads(adaln_modulate_ref, x, shift, scale)
+    # As in the forward: on a nearly constant row the rounding of the mean (eps |x|) is amplified
+    # by rstd in xhat, and dx = rstd (g' - mean g' - xhat mean(g' xhat)) cancels its O(|g'|)
+    # terms, so any implementation of this dtype may be off by eps |x| rstd^2 |g'| (hypothesis
+    # drew D = 2, rstd 30: 7.4e-5 for the kernel, 2.7e-5 for the eager reference by luck);
+    # dscale sums xhat-weighted gradients over the frame's rows.
+    eps = torch.finfo(dtype).eps
+    xd, g = x.double(), gy.double()
+    rstd = (xd.var(-1, unbiased=False, keepdim=True) + 1e-6).rsqrt()
+    g1 = g * (1 + scale.double()).abs()[:, :, None]
+    slack = {"dx": eps * float((xd.abs().amax(-1, keepdim=True) * rstd**2 * g1.abs().amax(-1, keepdim=True)).max()),
+             "dshift": 0.0,
+             "dscale": eps * float((xd.abs() * rstd * g.abs()).sum(2).max())}
     for name, f, r, e in zip(["dx", "dshift", "dscale"], fused, ref, exact):
-        assert_matches_reference(f, r, e, name)
+        assert_matches_reference(f, r, e, name, conditioning_slack=slack[name])
 
 
 def test_adaln_wide_rows_and_single_frame():
