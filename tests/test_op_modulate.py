@@ -3,7 +3,7 @@
 import pytest
 import torch
 from helpers import FLOAT_DTYPES, assert_matches_reference, rand
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fvdm.ops import adaln_modulate, gated_residual
@@ -42,6 +42,7 @@ def test_adaln_forward_matches_reference(shape, dtype, layout, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(shape=shapes, dtype=dtypes, seed=st.integers(0, 10_000))
+@example(shape=(1, 5, 6, 2), dtype=torch.float32, seed=3114)  # a nearly constant D = 2 row, rstd 30
 def test_adaln_backward_matches_reference(shape, dtype, seed):
     x, shift, scale = _inputs(shape, dtype, seed)
     gy = rand(x.shape, dtype, seed + 3)

@@ -1,0 +1,12 @@
+"""Hypothesis profiles. `dev` (the default) draws new examples on every run, so local runs keep
+exploring; `ci` (HYPOTHESIS_PROFILE=ci, set by .ci/run) is derandomized, the same examples on
+every run, so a submission is judged on its change rather than on a new draw. A case a local
+run finds becomes an `@example` of its test."""
+
+import os
+
+from hypothesis import settings
+
+settings.register_profile("dev", print_blob=True)
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
