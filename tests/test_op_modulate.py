@@ -90,7 +90,7 @@ def test_adaln_wide_rows_and_single_frame():
 def test_large_outputs_use_streaming_stores_correctly(dtype, D):
     # Kernels moving over 32 MiB write their output with streaming stores (modulate_cpu.cpp):
     # 4M+ values per tensor puts every op there in fp32, forward and backward; check them all,
-    # on both the aligned path and the fallback (rows not whole 64-byte lines).
+    # with rows of whole 64-byte lines and rows that are not (normal stores for head and tail).
     shape = (1, 2, 4 * 1024 * 1024 // (2 * D) + 3, D)
     x, shift, scale = (t.requires_grad_() for t in _inputs(shape, dtype, 11))
     h = rand(shape, dtype, 12).requires_grad_()

@@ -48,6 +48,23 @@ def test_frame_combine_gradcheck_and_opcheck():
     torch.library.opcheck(torch.ops.fvdm.frame_combine_backward.default, (torch.randn_like(xs[0]), [x.detach() for x in xs], c.detach()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("inner", [16 * 1024, 16 * 1024 + 7])  # frames of whole 64-byte lines, and not
+@pytest.mark.parametrize("K", [1, 3])
+def test_large_combines_use_streaming_stores_correctly(dtype, inner, K):
+    # Combines moving over 32 MiB write their output with streaming stores (combine_cpu.cpp,
+    # through an L1 block buffer): check them against the reference, with frames that start on
+    # a 64-byte line and frames that do not (normal stores for the head and tail of a run).
+    numel = (32 << 20) // ((K + 1) * dtype.itemsize) + 5 * inner
+    shape = (1, -(-numel // inner), inner)
+    inputs = [rand(shape, dtype, 20 + k) for k in range(K)]
+    coeffs = rand(shape[:2] + (K,), torch.float32, 30)
+    torch.testing.assert_close(frame_combine(inputs, coeffs), frame_combine_ref(inputs, coeffs))
+    t = torch.randint(0, 50, shape[:2])
+    sa, s1 = _tables(50)
+    torch.testing.assert_close(noise_inject(inputs[0], inputs[-1], t, sa, s1), noise_inject_ref(inputs[0], inputs[-1], t, sa, s1))
+
+
 def _tables(T, dtype=torch.float64):
     betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
     ab = torch.cumprod(1 - betas, 0)

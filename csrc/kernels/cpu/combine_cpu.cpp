@@ -15,17 +15,17 @@ namespace {
 
 constexpr int64_t kBlock = 512;
 
-// fp32/fp64: one loop straight from the inputs to the output (K known at compile time), the
-// way an inductor-generated kernel streams; no intermediate buffer.
+// fp32/fp64: one loop straight from the inputs to `o` (K known at compile time), the way an
+// inductor-generated kernel streams; no intermediate buffer unless the output is streamed.
 template <int K, typename T>
-inline void combine_direct(const FrameCombineFwdParams& p, const T* __restrict__ c, int64_t i0, int64_t len) {
+inline void combine_direct(const FrameCombineFwdParams& p, const T* __restrict__ c, int64_t i0, int64_t len,
+                           T* __restrict__ o) {
   const T* __restrict__ in[K];
   T ck[K];
   for (int k = 0; k < K; ++k) {
     in[k] = static_cast<const T*>(p.inputs[k]) + i0;
     ck[k] = c[k];
   }
-  T* __restrict__ o = static_cast<T*>(p.out) + i0;
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     T acc = ck[0] * in[0][i];
@@ -35,11 +35,26 @@ inline void combine_direct(const FrameCombineFwdParams& p, const T* __restrict__
   }
 }
 
+template <typename T>
+inline void combine_direct_k(const FrameCombineFwdParams& p, const T* c, int64_t i0, int64_t len, T* o) {
+  switch (p.K) {
+    case 1: combine_direct<1>(p, c, i0, len, o); break;
+    case 2: combine_direct<2>(p, c, i0, len, o); break;
+    case 3: combine_direct<3>(p, c, i0, len, o); break;
+    case 4: combine_direct<4>(p, c, i0, len, o); break;
+    case 5: combine_direct<5>(p, c, i0, len, o); break;
+    case 6: combine_direct<6>(p, c, i0, len, o); break;
+    case 7: combine_direct<7>(p, c, i0, len, o); break;
+    default: combine_direct<kMaxCombineInputs>(p, c, i0, len, o); break;
+  }
+}
+
 template <typename scalar_t, typename opmath_t>
 void combine_fwd_impl(const FrameCombineFwdParams& p) {
   const auto* coeffs = static_cast<const opmath_t*>(p.coeffs);
   auto* out = static_cast<scalar_t*>(p.out);
   const int64_t inner = p.inner, K = p.K;
+  const bool stream = use_streaming<scalar_t>(p.BF * inner, K + 1);  // K inputs, one output
   // Flat range over all elements, cut at frame boundaries (each frame has its own coefficients).
   at::parallel_for(0, p.BF * inner, 4 * kBlock, [&](int64_t begin, int64_t end) {
     alignas(64) std::array<opmath_t, kBlock> acc;
@@ -48,17 +63,15 @@ void combine_fwd_impl(const FrameCombineFwdParams& p) {
       const int64_t bf = i0 / inner;
       const int64_t seg_end = std::min(end, (bf + 1) * inner);
       const opmath_t* c = coeffs + bf * K;
-      if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-        const int64_t len = seg_end - i0;
-        switch (K) {
-          case 1: combine_direct<1>(p, c, i0, len); break;
-          case 2: combine_direct<2>(p, c, i0, len); break;
-          case 3: combine_direct<3>(p, c, i0, len); break;
-          case 4: combine_direct<4>(p, c, i0, len); break;
-          case 5: combine_direct<5>(p, c, i0, len); break;
-          case 6: combine_direct<6>(p, c, i0, len); break;
-          case 7: combine_direct<7>(p, c, i0, len); break;
-          default: combine_direct<kMaxCombineInputs>(p, c, i0, len); break;
+      if constexpr (!kNeedsConversion<scalar_t>) {
+        if (!stream) {
+          combine_direct_k(p, c, i0, seg_end - i0, out + i0);
+        } else {  // blocks through an L1 buffer, streamed out
+          for (; i0 < seg_end; i0 += kBlock) {
+            const int64_t len = std::min(kBlock, seg_end - i0);
+            combine_direct_k(p, c, i0, len, acc.data());
+            stream_copy(acc.data(), out + i0, len * static_cast<int64_t>(sizeof(scalar_t)));
+          }
         }
         i0 = seg_end;
         continue;
@@ -82,6 +95,7 @@ void combine_fwd_impl(const FrameCombineFwdParams& p) {
       }
       i0 = seg_end;
     }
+    if (stream) stream_fence();
   });
 }
 

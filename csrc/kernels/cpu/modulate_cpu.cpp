@@ -14,21 +14,8 @@
 namespace fvdm::cpu {
 namespace {
 
-template <typename scalar_t>
-constexpr bool kNeedsConversion = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
-
-// When a kernel's rows in and out (`row_streams` full-size tensors) outgrow a typical server
-// last-level cache (32 MiB, one EPYC CCD), its output would be evicted before the next op reads
-// it anyway: fp32/fp64 rows are then written with streaming stores (convert.h), skipping the
-// read-for-ownership (measured: gated residual at Latte-S 0.8 -> 0.3-0.5 ms). Below that, normal
-// stores keep the output in cache for its reader (adaLN at Latte-S, 25 MiB: 0.52-0.63 ms with
-// normal stores vs 0.67-0.71 ms streaming), and a CPU demo's small activations never stream.
-constexpr int64_t kStreamBytes = int64_t(32) << 20;
-
-template <typename scalar_t>
-inline bool use_streaming(int64_t numel, int64_t row_streams) {
-  return !kNeedsConversion<scalar_t> && row_streams * numel * static_cast<int64_t>(sizeof(scalar_t)) > kStreamBytes;
-}
+// Large fp32/fp64 outputs are streamed (use_streaming, convert.h): measured here, gated
+// residual at Latte-S 0.8 -> 0.3-0.5 ms; adaLN at Latte-S (25 MiB) is faster with normal stores.
 
 // Where a row result is computed: straight into the output for fp32/fp64 stored normally,
 // else into `buf` (converted, or streamed, by flush_row). End a chunk with stream_fence().
