@@ -59,6 +59,40 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
     return statistics.median(times)
 
 
+def time_paired(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3, min_rounds: int = 5,
+                min_seconds: float = 0.5, max_rounds: int = 200, turn: int = 3) -> tuple[dict[str, float], dict[str, float]]:
+    """Times several implementations of one thing in rounds: in each round every variant takes
+    a turn of one untimed call (its own data back in cache, as in back-to-back calls) and
+    `turn` timed ones (their median is its time for the round). All variants thus see nearly
+    the same state of a shared host, whose memory bandwidth left to us drifts by 2x within
+    minutes on a cloud VM. Returns (median over rounds of each variant's ms, and for each name
+    but the first the median over rounds of its time over the first's: a paired ratio, which
+    such drift moves far less than a ratio of medians timed minutes apart)."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    synchronize(device)
+    rounds: dict[str, list[float]] = {name: [] for name in names}
+    start = time.perf_counter()
+    while len(rounds[names[0]]) < min_rounds or (time.perf_counter() - start < min_seconds * len(names)
+                                                  and len(rounds[names[0]]) < max_rounds):
+        for name in names:
+            fns[name]()
+            synchronize(device)
+            times = []
+            for _ in range(turn):
+                t0 = time.perf_counter()
+                fns[name]()
+                synchronize(device)
+                times.append((time.perf_counter() - t0) * 1e3)
+            rounds[name].append(statistics.median(times))
+    ms = {name: statistics.median(ts) for name, ts in rounds.items()}
+    first = rounds[names[0]]
+    ratios = {name: statistics.median(t / f for t, f in zip(rounds[name], first)) for name in names[1:]}
+    return ms, ratios
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
     """Copy bandwidth (bytes read + bytes written per second) of a tensor copy of nbytes. The
     default is far larger than any cache; a copy the size of an operator's working set tells

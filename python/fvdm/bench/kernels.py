@@ -4,6 +4,11 @@ torch.compile of that reference, in one run, forward and forward+backward, as ra
 Shapes follow Latte: S = (B2, F16, N256, D384, H6, Dh64), XL = (B1, F16, N256, D1152, H16,
 Dh72); on CUDA also the same with B8. Memory-bound ops also report their useful traffic as
 GB/s and as a share of the device's copy bandwidth, measured in the same run.
+
+The variants of a case take turns of a few back-to-back calls, round after round, and each
+ratio is the median of per-round ratios (bench.common.time_paired): on a shared cloud host the
+memory bandwidth left to us drifts by 2x within minutes, which moved ratios of variants timed
+one after the other by up to 2x between runs.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fvdm import ops
-from fvdm.bench.common import copy_bandwidth_gbs, time_fn
+from fvdm.bench.common import copy_bandwidth_gbs, time_paired
 from fvdm.ops import reference as ref
 
 SHAPES = {
@@ -174,13 +179,12 @@ def run_case(case: Case, device: torch.device, compile_ref: bool, min_seconds: f
     if compile_ref:
         impls["compiled"] = (case.make_inputs, _compiled(case.reference))
     impls.update(case.extra)
-    ms = {}
-    for name, (make, fn) in impls.items():
-        ms[name] = time_fn(_runner(fn, make(), case.mode), device, min_seconds=min_seconds)
+    # All variants timed in turns, round after round: the vs_* ratios are paired (time_paired).
+    runners = {name: _runner(fn, make(), case.mode) for name, (make, fn) in impls.items()}
+    ms, ratios = time_paired(runners, device, min_seconds=min_seconds)
     row = {"op": case.op, "shape": case.shape, "dtype": case.dtype, "mode": case.mode, "ms": ms}
-    for name in ms:
-        if name != "fused":
-            row[f"vs_{name}"] = ms[name] / ms["fused"]
+    for name, ratio in ratios.items():
+        row[f"vs_{name}"] = ratio
     if case.bytes_moved and case.mode == "fwd":
         row["gbs"] = case.bytes_moved / (ms["fused"] * 1e-3) / 1e9
         row["pct_copy"] = 100.0 * row["gbs"] / copy_gbs
