@@ -33,6 +33,7 @@ def test_overrides_are_typed():
     ("train.steps=0", ["train.steps", ">= 1"]),
     ("diffusion.ptss_p=1.5", ["diffusion.ptss_p", "[0.0, 1.0]"]),
     ("diffusion.objective=flow", ["flow"]),
+    ("diffusion.clean_prefix_p=1.0", ["diffusion.clean_prefix_p", "[0, 1)"]),
     ("data.kind=videos", ["data.root"]),
     ("train.precision=fp8", ["train.precision", "fp32"]),
     ("steps", ["section.key=value"]),

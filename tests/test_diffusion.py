@@ -13,6 +13,7 @@ from fvdm.diffusion import (
     DDPMSchedule,
     FlowSchedule,
     classifier_free_guidance,
+    clean_prefix_mask,
     cosine_betas,
     ddpm_ladder,
     ddpm_schedule,
@@ -166,6 +167,25 @@ def test_ptss_per_sample_coins_and_uniform_marginals():
         expected = counts.sum() / 10
         chi2 = ((counts - expected) ** 2 / expected).sum().item()
         assert chi2 < 33.7, f"frame {f}: chi2 {chi2:.1f} (df 9, p = 1e-4)"
+
+
+def test_clean_prefix_mask_holds_prefixes_of_1_to_f_minus_1_frames_in_a_share_p():
+    p, n, F = 0.3, 4000, 6
+    held = clean_prefix_mask(n, F, p, generator=gen(7))
+    k = held.sum(1)
+    assert torch.equal(held, torch.arange(F)[None, :] < k[:, None])  # a prefix, nothing after it
+    assert abs((k > 0).float().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n)
+    counts = torch.bincount(k[k > 0], minlength=F)
+    assert counts[0] == 0 and counts[F:].sum() == 0  # 1..F-1 frames: one always stays noised
+    assert counts[1:F].min() > 0.7 * counts[1:F].float().mean()  # roughly uniform lengths
+    assert not clean_prefix_mask(64, F, 0.0, generator=gen(7)).any()
+    assert not clean_prefix_mask(64, 1, 0.5, generator=gen(7)).any()  # one frame: nothing to hold
+    # the same draws whatever p: a run's other random streams do not depend on it
+    g1, g2 = gen(8), gen(8)
+    clean_prefix_mask(16, F, 0.1, generator=g1), clean_prefix_mask(16, F, 0.9, generator=g2)
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+    with pytest.raises(ValueError, match="clean prefix"):
+        clean_prefix_mask(4, F, 1.0)
 
 
 def test_ptss_p0_is_scalar_p1_is_independent_and_seeded():

@@ -249,3 +249,16 @@ def test_min_snr_weighting_changes_the_loss_and_is_checked(tmp_path):
         tiny("diffusion.min_snr_gamma=0")
     with pytest.raises(UserError, match="learn_sigma"):
         tiny("diffusion.min_snr_gamma=5", "model.learn_sigma=true")
+
+
+def test_clean_prefix_training_holds_frames_and_is_checked(tmp_path):
+    losses = {}
+    for name, extra in (("plain", []), ("prefix", ["diffusion.clean_prefix_p=0.9"])):
+        run = tmp_path / name
+        train(tiny("train.steps=2", *extra), run, progress=False)
+        first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        losses[name] = first["loss"]
+    # same seed, batch, times and noise: held frames leave the loss and enter the model clean
+    assert math.isfinite(losses["prefix"]) and losses["prefix"] != pytest.approx(losses["plain"], rel=1e-3)
+    with pytest.raises(UserError, match="clean_prefix_p"):
+        tiny("diffusion.clean_prefix_p=-0.1")

@@ -72,6 +72,9 @@ class DiffusionConfig:
     ptss_mode: str = "batch"  # batch: one coin per global batch (reference) | sample: per clip
     noise_bias: float = 1.0  # > 1 draws training times skewed toward high noise (1: uniform, the paper)
     min_snr_gamma: float | None = None  # Min-SNR-gamma loss weights (Hang et al. 2023; 5 is theirs); None: unweighted
+    # Share of clips trained with a clean prefix of 1..F-1 frames held (time "clean", out of the
+    # loss), as extension and image-to-video sample them; 0: PTSS alone (the paper)
+    clean_prefix_p: float = 0.0
 
 
 @dataclass
@@ -172,6 +175,8 @@ class Config:
         if self.diffusion.min_snr_gamma is not None and self.model.learn_sigma:
             raise UserError("diffusion.min_snr_gamma weights the mean loss only: it cannot be combined with "
                             "model.learn_sigma (whose VB term has its own weighting)")
+        if not 0.0 <= self.diffusion.clean_prefix_p < 1.0:
+            raise UserError(f"diffusion.clean_prefix_p must lie in [0, 1), got {self.diffusion.clean_prefix_p}")
         if self.diffusion.noise_bias <= 0:
             raise UserError(f"diffusion.noise_bias must be > 0, got {self.diffusion.noise_bias}")
         if self.train.grad_clip is not None and self.train.grad_clip <= 0:

@@ -11,7 +11,7 @@ from fvdm.diffusion.objectives import (
     target_coeffs,
     training_target,
 )
-from fvdm.diffusion.ptss import PTSS_MODES, ptss_coins, sample_timesteps
+from fvdm.diffusion.ptss import PTSS_MODES, clean_prefix_mask, ptss_coins, sample_timesteps
 from fvdm.diffusion.samplers import (
     CONDITIONING,
     METHODS,
@@ -60,6 +60,7 @@ __all__ = [
     "training_target",
     "PTSS_MODES",
     "ptss_coins",
+    "clean_prefix_mask",
     "sample_timesteps",
     "CONDITIONING",
     "METHODS",

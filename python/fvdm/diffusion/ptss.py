@@ -68,3 +68,18 @@ def sample_timesteps(
     shared = draw((batch, 1)).expand(batch, frames)
     t = torch.where(vectorized[:, None], independent, shared)
     return t.to(device) if device is not None else t
+
+
+def clean_prefix_mask(batch: int, frames: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, F) bool, True on held frames: with probability p a clip holds its first k frames
+    clean, k uniform in [1, F-1] (at least one frame stays noised), as extension and
+    image-to-video condition on clean frames at sampling time. Draws the same numbers whatever
+    p is (coins, then lengths)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"clean prefix probability must lie in [0, 1), got {p}")
+    device = generator.device if generator is not None else None
+    coin = torch.rand(batch, generator=generator, device=device, dtype=torch.float64) < p
+    if frames < 2:
+        return torch.zeros(batch, frames, dtype=torch.bool, device=device)
+    k = torch.randint(1, frames, (batch,), generator=generator, device=device)
+    return coin[:, None] & (torch.arange(frames, device=device)[None, :] < k[:, None])

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fvdm import media
 from fvdm.build import build_dataset, build_model, build_schedule, num_timesteps_for_training, resolve_device
 from fvdm.config import Config, from_dict, save_config
-from fvdm.diffusion import diffusion_loss, min_snr_weights, sample_timesteps
+from fvdm.diffusion import clean_prefix_mask, diffusion_loss, min_snr_weights, sample_timesteps
 from fvdm.errors import UserError
 from fvdm.train import distributed as D
 from fvdm.train.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint
@@ -207,6 +207,9 @@ class Trainer:
         drop = torch.rand(B, generator=g)[lo:hi] < cfg.model.class_dropout_prob
         # self-conditioning pass for half the clips (drawn only then: older runs keep their streams)
         self_cond = (torch.rand(B, generator=g)[lo:hi] < 0.5).to(self.device) if cfg.model.self_condition else None
+        held = None  # drawn only when used, like self_cond
+        if cfg.diffusion.clean_prefix_p > 0:
+            held = clean_prefix_mask(B, x0.shape[1], cfg.diffusion.clean_prefix_p, generator=g)[lo:hi].to(self.device)
         x0, t, noise = x0.to(self.device), t.to(self.device), noise.to(self.device)
         if y is not None:
             y = torch.where(drop, torch.full_like(y, cfg.model.num_classes), y).to(self.device)
@@ -226,7 +229,7 @@ class Trainer:
         with autocast:
             out = diffusion_loss(model_fn, self.schedule, x0, t,
                                  objective=cfg.diffusion.objective, noise=noise, learn_sigma=cfg.model.learn_sigma,
-                                 self_condition=self_cond, frame_weights=weights, backend=self.model.backend)
+                                 held=held, self_condition=self_cond, frame_weights=weights, backend=self.model.backend)
         loss = out.loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower train.lr or set train.grad_clip")
