@@ -30,24 +30,27 @@ inline int64_t pad(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 // x[j] = exp(x[j]) for n values (n a multiple of kLanes). std::exp does not vectorize without
 // -ffast-math, and softmax needs F*F of them per sequence: with AVX-512 this is Cody-Waite range
 // reduction, the Cephes degree-5 polynomial and scalef (about 1 ulp); otherwise std::exp.
+#if defined(__AVX512F__)
+inline __m512 exp_ps(__m512 v) {
+  v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  v = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);
+  v = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), v);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, v), v, v), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, k);  // y * 2^k
+}
+#endif
+
 inline void exp_inplace(float* x, int64_t n) {
 #if defined(__AVX512F__)
-  const __m512 lo = _mm512_set1_ps(-87.3f), hi = _mm512_set1_ps(88.7f);
-  for (int64_t j = 0; j + 16 <= n; j += 16) {
-    __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_loadu_ps(x + j), lo), hi);
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    v = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);
-    v = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), v);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(5.0000001201e-1f));
-    const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, v), v, v), _mm512_set1_ps(1.0f));
-    _mm512_storeu_ps(x + j, _mm512_scalef_ps(y, k));  // y * 2^k
-  }
+  for (int64_t j = 0; j + 16 <= n; j += 16) _mm512_storeu_ps(x + j, exp_ps(_mm512_loadu_ps(x + j)));
 #else
   for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j]);
 #endif
@@ -178,9 +181,11 @@ inline void prefetch_head(const Strided<scalar_t>& src, int64_t b, int64_t n, in
 }
 
 // allow[i * Fp + j] = 1 where query i may attend key j (causal: j <= i; key_mask[b, j]), else
-// 0, padding included. Returns, per query, whether it has any key.
+// 0, padding included. Returns, per query, whether it has any key. allow_t (if given, Fp = 16):
+// the transpose, allow_t[j * 16 + i], zero for the padding queries i >= F.
 template <typename opmath_t>
-void build_allow(const TemporalAttnFwdParams& p, int64_t b, int64_t Fp, opmath_t* allow, std::vector<char>& any) {
+void build_allow(const TemporalAttnFwdParams& p, int64_t b, int64_t Fp, opmath_t* allow, std::vector<char>& any,
+                 opmath_t* allow_t = nullptr) {
   const int64_t F = p.F;
   for (int64_t i = 0; i < F; ++i) {
     bool has = false;
@@ -191,6 +196,9 @@ void build_allow(const TemporalAttnFwdParams& p, int64_t b, int64_t Fp, opmath_t
     }
     any[i] = has;
   }
+  if (allow_t != nullptr)
+    for (int64_t j = 0; j < kLanes; ++j)
+      for (int64_t i = 0; i < kLanes; ++i) allow_t[j * kLanes + i] = i < F ? allow[i * Fp + j] : opmath_t(0);
 }
 
 // In place over rows of scaled scores: P = exp(s - m) * allow / l, row max m, lse = m + log l.
@@ -228,11 +236,48 @@ void softmax_rows_generic(opmath_t* s, const opmath_t* allow, const std::vector<
   }
 }
 
+#if defined(__AVX512F__)
+// The same for F <= 16 (one 16-lane vector a row), on the transposed block: with a column of
+// scores per register (lanes = queries), the row max and sum are 15 vertical max / add each
+// instead of two horizontal reductions and a scalar division per row. allow_t: build_allow's.
+inline void softmax_block16(float* s, const float* allow_t, const std::vector<char>& any, int64_t F, float scale,
+                            float* lse) {
+  const __m512 zero = _mm512_setzero_ps(), neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 c[16];
+  for (int64_t i = 0; i < 16; ++i) c[i] = i < F ? _mm512_loadu_ps(s + i * 16) : zero;
+  transpose16x16(c);  // c[j] lane i = score (i, j)
+  __m512 m = neg_inf;
+  for (int j = 0; j < 16; ++j) {
+    const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_loadu_ps(allow_t + j * 16), zero, _CMP_NEQ_OQ);
+    c[j] = _mm512_mask_mul_ps(neg_inf, ok, c[j], _mm512_set1_ps(scale));
+    m = _mm512_max_ps(m, c[j]);
+  }
+  // queries without any key (and padding): m = -inf; subtract 0 there, and divide by 1 below,
+  // so that their P is exactly 0 (every term is exp(-inf) * 0)
+  const __mmask16 empty = _mm512_cmp_ps_mask(m, neg_inf, _CMP_EQ_OQ);
+  const __m512 m0 = _mm512_mask_mov_ps(m, empty, zero);
+  __m512 l = zero;
+  for (int j = 0; j < 16; ++j) {  // exact zeros for masked keys (exp is clamped, not exact)
+    c[j] = _mm512_mul_ps(exp_ps(_mm512_sub_ps(c[j], m0)), _mm512_loadu_ps(allow_t + j * 16));
+    l = _mm512_add_ps(l, c[j]);
+  }
+  const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_mask_mov_ps(l, empty, _mm512_set1_ps(1.0f)));
+  for (int j = 0; j < 16; ++j) c[j] = _mm512_mul_ps(c[j], inv);
+  transpose16x16(c);
+  for (int64_t i = 0; i < F; ++i) _mm512_storeu_ps(s + i * 16, c[i]);
+  alignas(64) float mv[16], lv[16];
+  _mm512_store_ps(mv, m);
+  _mm512_store_ps(lv, l);
+  for (int64_t i = 0; i < F; ++i) lse[i] = any[i] ? mv[i] + std::log(lv[i]) : -std::numeric_limits<float>::infinity();
+}
+#endif
+
 template <typename opmath_t>
-inline void softmax_rows(opmath_t* s, const opmath_t* allow, const std::vector<char>& any, int64_t F, int64_t Fp,
-                         opmath_t scale, opmath_t* lse) {
+inline void softmax_rows(opmath_t* s, const opmath_t* allow, const opmath_t* allow_t, const std::vector<char>& any,
+                         int64_t F, int64_t Fp, opmath_t scale, opmath_t* lse) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<opmath_t, float>) {
+    if (Fp == 16 && allow_t != nullptr) return softmax_block16(s, allow_t, any, F, scale, lse);
     // One pass per row in registers; rows are whole 16-lane vectors (Fp is padded).
     const __m512 vscale = _mm512_set1_ps(scale), neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t i = 0; i < F; ++i) {
@@ -284,12 +329,12 @@ struct Buf {
 // chunk's next token, whose rows it may prefetch.
 template <typename opmath_t, typename Body>
 void for_each_token(const TemporalAttnFwdParams& p, int64_t begin, int64_t end, int64_t Fp, opmath_t* allow,
-                    std::vector<char>& any, const Body& body) {
+                    opmath_t* allow_t, std::vector<char>& any, const Body& body) {
   int64_t mask_b = -1;
   for (int64_t token = begin; token < end; ++token) {
     const int64_t n = token % p.N, b = token / p.N;
     if (b != mask_b) {
-      build_allow(p, b, Fp, allow, any);
+      build_allow(p, b, Fp, allow, any, allow_t);
       mask_b = b;
     }
     body(b, n, token + 1 < end, (token + 1) / p.N, (token + 1) % p.N);
@@ -340,10 +385,11 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
   constexpr bool kNoConversion = std::is_same_v<scalar_t, opmath_t>;
   at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
     Buf<opmath_t> q(HG * q_sz), k(kNoConversion ? 0 : HG * q_sz), kt(Dh * Fp), v(HG * v_sz), s(F * Fp), allow(F * Fp),
-        o(kNoConversion ? 0 : F * Dhp), tmp(Dh);
+        allow_t(Fp == kLanes ? kLanes * kLanes : 0), o(kNoConversion ? 0 : F * Dhp), tmp(Dh);
     TokenOut<scalar_t> tok(F, N, H, Dh);
     std::vector<char> any(F);
-    for_each_token(p, begin, end, Fp, allow(), any, [&](int64_t b, int64_t n, bool prefetch, int64_t b1, int64_t n1) {
+    opmath_t* allow_tp = Fp == kLanes ? allow_t() : nullptr;  // softmax_block16
+    for_each_token(p, begin, end, Fp, allow(), allow_tp, any, [&](int64_t b, int64_t n, bool prefetch, int64_t b1, int64_t n1) {
       const int64_t token = b * N + n;
       for (int64_t h0 = 0; h0 < H; h0 += HG) {
         const int64_t hn = std::min(HG, H - h0);
@@ -369,7 +415,7 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
           if (prefetch) prefetch_head(K, b1, n1, h, F, Dh);
           gemm(q() + g * q_sz, Dh, kt(), Fp, s(), Fp, F, Dh, Fp);                 // S = Q K^T
           if (prefetch) prefetch_head(V, b1, n1, h, F, Dh);
-          softmax_rows(s(), allow(), any, F, Fp, scale, lse + (token * H + h) * F);  // P, normalised
+          softmax_rows(s(), allow(), allow_tp, any, F, Fp, scale, lse + (token * H + h) * F);  // P, normalised
           if constexpr (kNoConversion) {  // O = P V, straight into the output stage
             gemm(s(), Fp, v() + g * v_sz, Dhp, tok.row(0, h, Dh), tok.ld, F, F, Dhp);
           } else {
@@ -411,7 +457,7 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
         s(F * Fp), dp(F * Fp), allow(F * Fp), t(F * F), res(F * Dhp), tmp(Dh), tmp2(Dh);
     TokenOut<scalar_t> tdq(F, N, H, Dh), tdk(F, N, H, Dh), tdv(F, N, H, Dh);
     std::vector<char> any(F);
-    for_each_token(p, begin, end, Fp, allow(), any, [&](int64_t b, int64_t n, bool prefetch, int64_t b1, int64_t n1) {
+    for_each_token(p, begin, end, Fp, allow(), static_cast<opmath_t*>(nullptr), any, [&](int64_t b, int64_t n, bool prefetch, int64_t b1, int64_t n1) {
       const int64_t token = b * N + n;
       for (int64_t h0 = 0; h0 < H; h0 += HG) {
         const int64_t hn = std::min(HG, H - h0);
