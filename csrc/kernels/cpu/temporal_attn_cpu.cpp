@@ -26,6 +26,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;  // micro-kernel column block
 inline int64_t pad(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+inline int64_t pad8(int64_t n) { return (n + kLanes / 2 - 1) / (kLanes / 2) * (kLanes / 2); }
 
 // x[j] = exp(x[j]) for n values (n a multiple of kLanes). std::exp does not vectorize without
 // -ffast-math, and softmax needs F*F of them per sequence: with AVX-512 this is Cody-Waite range
@@ -46,6 +47,31 @@ inline __m512 exp_ps(__m512 v) {
   const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, v), v, v), _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(y, k);  // y * 2^k
 }
+
+// log(x) for normal x > 0: x = m 2^e with m in [sqrt(1/2), sqrt(2)), then the Cephes logf
+// polynomial in m - 1 (about 1 ulp).
+inline __m512 log_ps(__m512 x) {
+  __m512 e = _mm512_getexp_ps(x);
+  __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);  // [1, 2)
+  const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356237f), _CMP_GT_OQ);
+  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+  e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.0f));
+  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
+  const __m512 z = _mm512_mul_ps(f, f);
+  __m512 p = _mm512_set1_ps(7.0376836292e-2f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.1514610310e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.1676998740e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.2420140846e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.4249322787e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.6668057665e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.0000714765e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-2.4999993993e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(3.3333331174e-1f));
+  __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, f), z);
+  y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
+  y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
+  return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), _mm512_add_ps(f, y));
+}
 #endif
 
 inline void exp_inplace(float* x, int64_t n) {
@@ -59,27 +85,36 @@ inline void exp_inplace(double* x, int64_t n) {
   for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j]);
 }
 
-// C[R x Np] = A[R x K] * B[K x Np] for R (<= 4) rows; Np a multiple of kLanes. The R x kLanes
-// accumulators live in registers across the whole K loop.
+// C[R x W] (columns c0 .. c0 + W) = A[R x K] * B[K x ...]; the R x W accumulators live in
+// registers across the whole K loop.
+template <int R, int W, typename T>
+inline void gemm_block(const T* __restrict__ A, int64_t lda, const T* __restrict__ B, int64_t ldb, T* __restrict__ C,
+                       int64_t ldc, int64_t K, int64_t c0) {
+  T acc[R][W] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const T* __restrict__ b = B + k * ldb + c0;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const T a = A[r * lda + k];
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) acc[r][j] += a * b[j];
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) C[r * ldc + c0 + j] = acc[r][j];
+}
+
+// C[R x Np] = A[R x K] * B[K x Np] for R (<= 4) rows; Np a multiple of kLanes / 2: blocks of
+// kLanes columns and, for Np = 72 (Latte-XL's head dim), one half-width block instead of a
+// padded full one.
 template <int R, typename T>
 inline void gemm_rows(const T* __restrict__ A, int64_t lda, const T* __restrict__ B, int64_t ldb, T* __restrict__ C,
                       int64_t ldc, int64_t K, int64_t Np) {
-  for (int64_t c0 = 0; c0 < Np; c0 += kLanes) {
-    T acc[R][kLanes] = {};
-    for (int64_t k = 0; k < K; ++k) {
-      const T* __restrict__ b = B + k * ldb + c0;
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const T a = A[r * lda + k];
-#pragma omp simd
-        for (int64_t j = 0; j < kLanes; ++j) acc[r][j] += a * b[j];
-      }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r)
-#pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) C[r * ldc + c0 + j] = acc[r][j];
-  }
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= Np; c0 += kLanes) gemm_block<R, kLanes>(A, lda, B, ldb, C, ldc, K, c0);
+  if (c0 < Np) gemm_block<R, kLanes / 2>(A, lda, B, ldb, C, ldc, K, c0);
 }
 
 // C[M x Np] = A[M x K] * B[K x Np].
@@ -265,10 +300,10 @@ inline void softmax_block16(float* s, const float* allow_t, const std::vector<ch
   for (int j = 0; j < 16; ++j) c[j] = _mm512_mul_ps(c[j], inv);
   transpose16x16(c);
   for (int64_t i = 0; i < F; ++i) _mm512_storeu_ps(s + i * 16, c[i]);
-  alignas(64) float mv[16], lv[16];
-  _mm512_store_ps(mv, m);
-  _mm512_store_ps(lv, l);
-  for (int64_t i = 0; i < F; ++i) lse[i] = any[i] ? mv[i] + std::log(lv[i]) : -std::numeric_limits<float>::infinity();
+  __mmask16 has_key = 0;  // lse = m + log l; -inf for queries without keys
+  for (int64_t i = 0; i < F; ++i) has_key |= static_cast<__mmask16>(any[i] ? 1u << i : 0u);
+  const __m512 lse_v = _mm512_mask_mov_ps(neg_inf, has_key, _mm512_add_ps(m, log_ps(l)));
+  _mm512_mask_storeu_ps(lse, static_cast<__mmask16>((1u << F) - 1u), lse_v);
 }
 #endif
 
@@ -417,7 +452,7 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
           if (prefetch) prefetch_head(V, b1, n1, h, F, Dh);
           softmax_rows(s(), allow(), allow_tp, any, F, Fp, scale, lse + (token * H + h) * F);  // P, normalised
           if constexpr (kNoConversion) {  // O = P V, straight into the output stage
-            gemm(s(), Fp, v() + g * v_sz, Dhp, tok.row(0, h, Dh), tok.ld, F, F, Dhp);
+            gemm(s(), Fp, v() + g * v_sz, Dhp, tok.row(0, h, Dh), tok.ld, F, F, pad8(Dh));
           } else {
             gemm(s(), Fp, v() + g * v_sz, Dhp, o(), Dhp, F, F, Dhp);              // O = P V
             for (int64_t i = 0; i < F; ++i) from_opmath(o() + i * Dhp, tok.row(i, h, Dh), Dh);
