@@ -236,15 +236,16 @@ def test_training_and_sampling_on_vae_latents(tmp_path):
     assert out.video.shape == (1, 4, 3, 8, 8) and torch.isfinite(out.video).all()
 
 
+def first_step_loss(run: Path, *extra: str) -> float:
+    """The logged loss of step 1 of a 2-step tiny run with these overrides."""
+    train(tiny("train.steps=2", *extra), run, progress=False)
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+
 def test_min_snr_weighting_changes_the_loss_and_is_checked(tmp_path):
-    losses = {}
-    for name, extra in (("plain", []), ("minsnr", ["diffusion.min_snr_gamma=5"])):
-        run = tmp_path / name
-        train(tiny("train.steps=2", *extra), run, progress=False)
-        first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-        losses[name] = first["loss"]
+    plain, minsnr = first_step_loss(tmp_path / "plain"), first_step_loss(tmp_path / "minsnr", "diffusion.min_snr_gamma=5")
     # same seed, same batch, same noise: only the frame weights differ
-    assert math.isfinite(losses["minsnr"]) and losses["minsnr"] != pytest.approx(losses["plain"], rel=1e-3)
+    assert math.isfinite(minsnr) and minsnr != pytest.approx(plain, rel=1e-3)
     with pytest.raises(UserError, match="min_snr_gamma"):
         tiny("diffusion.min_snr_gamma=0")
     with pytest.raises(UserError, match="learn_sigma"):
@@ -252,13 +253,8 @@ def test_min_snr_weighting_changes_the_loss_and_is_checked(tmp_path):
 
 
 def test_clean_prefix_training_holds_frames_and_is_checked(tmp_path):
-    losses = {}
-    for name, extra in (("plain", []), ("prefix", ["diffusion.clean_prefix_p=0.9"])):
-        run = tmp_path / name
-        train(tiny("train.steps=2", *extra), run, progress=False)
-        first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-        losses[name] = first["loss"]
+    plain, prefix = first_step_loss(tmp_path / "plain"), first_step_loss(tmp_path / "prefix", "diffusion.clean_prefix_p=0.9")
     # same seed, batch, times and noise: held frames leave the loss and enter the model clean
-    assert math.isfinite(losses["prefix"]) and losses["prefix"] != pytest.approx(losses["plain"], rel=1e-3)
+    assert math.isfinite(prefix) and prefix != pytest.approx(plain, rel=1e-3)
     with pytest.raises(UserError, match="clean_prefix_p"):
         tiny("diffusion.clean_prefix_p=-0.1")
