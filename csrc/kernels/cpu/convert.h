@@ -18,6 +18,10 @@
 
 namespace fvdm::cpu {
 
+// Whether scalar_t rows go through op-math buffers (bf16/fp16) or are used in place (fp32/fp64).
+template <typename scalar_t>
+constexpr bool kNeedsConversion = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
+
 // Short row copies inline: a memcpy call per 64..1152-value row costs as much as the copy, and
 // GCC turns a plain copy loop back into a memcpy call, hence the intrinsics.
 template <typename T>
@@ -113,9 +117,6 @@ inline void stream_fence() {
 #endif
 }
 
-template <typename scalar_t>
-constexpr bool kNeedsConversion = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
-
 // When a kernel's inputs and output (`streams` tensors of `numel` elements) outgrow a typical
 // server last-level cache (32 MiB, one EPYC CCD), its output would be evicted before the next
 // op reads it anyway: fp32/fp64 outputs are then written with streaming stores (stream_copy).
@@ -132,7 +133,7 @@ inline bool use_streaming(int64_t numel, int64_t streams) {
 // A row in op-math type: the row itself when no conversion is needed, else a converted copy.
 template <typename scalar_t>
 inline const at::opmath_type<scalar_t>* load_row(const scalar_t* src, at::opmath_type<scalar_t>* buf, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+  if constexpr (!kNeedsConversion<scalar_t>) {
     return src;
   } else {
     to_opmath(src, buf, n);

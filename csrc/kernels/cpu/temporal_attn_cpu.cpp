@@ -117,7 +117,7 @@ inline void gemm_rows(const T* __restrict__ A, int64_t lda, const T* __restrict_
   if (c0 < Np) gemm_block<R, kLanes / 2>(A, lda, B, ldb, C, ldc, K, c0);
 }
 
-// C[M x Np] = A[M x K] * B[K x Np].
+// C[M x Np] = A[M x K] * B[K x Np], Np a multiple of kLanes / 2.
 template <typename T>
 void gemm(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M, int64_t K, int64_t Np) {
   int64_t m = 0;
@@ -418,7 +418,7 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
   // prefetch has brought to L2, instead of from a gathered copy (S fwd -6%, XL -2-4%), and
   // O = P V is written straight into the output stage. q and v are still gathered: the GEMMs
   // reading their rows in place (F rows a frame stride apart) were slower (XL fwd +5-15%).
-  constexpr bool kNoConversion = std::is_same_v<scalar_t, opmath_t>;
+  constexpr bool kNoConversion = !kNeedsConversion<scalar_t>;
   at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
     Buf<opmath_t> q(HG * q_sz), k(kNoConversion ? 0 : HG * q_sz), kt(Dh * Fp), v(HG * v_sz), s(F * Fp), allow(F * Fp),
         allow_t(Fp == kLanes ? kLanes * kLanes : 0), o(kNoConversion ? 0 : F * Dhp), tmp(Dh);
@@ -455,7 +455,7 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
           if constexpr (kNoConversion) {  // O = P V, straight into the output stage
             gemm(s(), Fp, v() + g * v_sz, Dhp, tok.row(0, h, Dh), tok.ld, F, F, pad8(Dh));
           } else {
-            gemm(s(), Fp, v() + g * v_sz, Dhp, o(), Dhp, F, F, Dhp);              // O = P V
+            gemm(s(), Fp, v() + g * v_sz, Dhp, o(), Dhp, F, F, pad8(Dh));         // O = P V
             for (int64_t i = 0; i < F; ++i) from_opmath(o() + i * Dhp, tok.row(i, h, Dh), Dh);
           }
         }
