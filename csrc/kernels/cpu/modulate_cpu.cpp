@@ -34,8 +34,15 @@ inline void flush_row(const opmath_t* buf, scalar_t* dst, int64_t n, bool stream
 template <typename scalar_t, typename opmath_t>
 struct FrameTables {
   std::vector<opmath_t> a, b;
-  int64_t frame = -1;
+  int64_t frame = -1, end = 0;  // rows [frame * N, end) use these tables
   explicit FrameTables(int64_t D) : a(D), b(D) {}
+  // True when `row` starts another frame (then `frame` is set): one division per frame, not per row.
+  bool next(int64_t row, int64_t N) {
+    if (row < end) return false;
+    frame = row / N;
+    end = (frame + 1) * N;
+    return true;
+  }
 };
 
 template <typename scalar_t, typename opmath_t>
@@ -53,8 +60,7 @@ void adaln_fwd_impl(const AdalnFwdParams& p) {
     std::vector<opmath_t> in_buf(D), out_buf(D);
     FrameTables<scalar_t, opmath_t> t(D);  // a = shift, b = 1 + scale
     for (int64_t row = begin; row < end; ++row) {
-      if (row / N != t.frame) {
-        t.frame = row / N;
+      if (t.next(row, N)) {
         to_opmath(shift + t.frame * D, t.a.data(), D);
         to_opmath(scale + t.frame * D, t.b.data(), D);
         for (auto& v : t.b) v += opmath_t(1);
@@ -147,8 +153,7 @@ void gated_fwd_impl(const GatedResidualFwdParams& p) {
     std::vector<opmath_t> x_buf(D), h_buf(D), o_buf(D);
     FrameTables<scalar_t, opmath_t> t(D);  // a = gate
     for (int64_t row = begin; row < end; ++row) {
-      if (row / N != t.frame) {
-        t.frame = row / N;
+      if (t.next(row, N)) {
         to_opmath(gate + t.frame * D, t.a.data(), D);
       }
       const opmath_t* __restrict__ xr = load_row(x + row * D, x_buf.data(), D);
