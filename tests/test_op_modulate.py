@@ -151,6 +151,25 @@ def test_gated_residual_matches_reference(shape, dtype, seed):
         assert_matches_reference(f, r, e, name)
 
 
+@pytest.mark.parametrize("D", [16, 37, 1152])  # whole 16-value vectors, a ragged tail, Latte-XL
+def test_gated_residual_bf16_rounds_once_to_nearest_even(D):
+    # For bf16 inputs gate * h is exact in fp32 (8 x 8 significant bits), so x + gate * h in fp32
+    # rounded once to bf16 is the one correct answer: the kernel must match it bit for bit,
+    # including ties (1 + 2^-8 -> 1, 1 + 3 * 2^-8 -> 1 + 2^-6), inf and NaN.
+    B, F, N = 2, 3, 5
+    x = (torch.randn(B, F, N, D, generator=torch.Generator().manual_seed(D)) * 4).bfloat16()
+    h = torch.randn(B, F, N, D, generator=torch.Generator().manual_seed(D + 1)).bfloat16()
+    gate = torch.randn(B, F, D, generator=torch.Generator().manual_seed(D + 2)).bfloat16()
+    x[0, 0, 0, :4] = torch.tensor([1.0, 1.0, float("inf"), float("nan")])
+    h[0, 0, 0, :4] = torch.tensor([2.0**-8, 3 * 2.0**-8, 1.0, 1.0])
+    gate[0, 0, :4] = 1.0
+    want = (x.float() + gate.float().unsqueeze(2) * h.float()).bfloat16()
+    got = gated_residual(x, h, gate)
+    assert got[0, 0, 0, :2].tolist() == [1.0, 1.0 + 2.0**-6]
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
 def test_gated_residual_gradcheck_and_opcheck():
     x, h = (rand((2, 3, 4, 5), torch.float64, s).requires_grad_() for s in (0, 1))
     gate = rand((2, 3, 5), torch.float64, 2).requires_grad_()

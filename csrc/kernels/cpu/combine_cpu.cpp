@@ -1,6 +1,7 @@
 // CPU kernels for the per-frame linear combination out = sum_k c[bf, k] * in_k.
-// Works in blocks of kBlock elements held in an op-math buffer, so every input is read once
-// and the output written once however many terms there are.
+// Every input is read once and the output written once however many terms there are: fp32/fp64
+// straight from the inputs, bf16 through registers (FVDM_BF16_VECTORS), else in blocks of kBlock
+// elements held in an op-math buffer.
 #include <algorithm>
 #include <array>
 #include <type_traits>
@@ -76,6 +77,24 @@ void combine_fwd_impl(const FrameCombineFwdParams& p) {
         i0 = seg_end;
         continue;
       }
+#if defined(FVDM_BF16_VECTORS)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // straight from bf16, no buffers
+        const scalar_t* in[kMaxCombineInputs];
+        __m512 ck[kMaxCombineInputs];
+        for (int64_t k = 0; k < K; ++k) {
+          in[k] = static_cast<const scalar_t*>(p.inputs[k]);
+          ck[k] = _mm512_set1_ps(c[k]);
+        }
+        for (; i0 < seg_end; i0 += 16) {
+          const __mmask16 m = first_lanes(seg_end - i0);
+          __m512 v = _mm512_mul_ps(ck[0], load_bf16(in[0] + i0, m));
+          for (int64_t k = 1; k < K; ++k) v = _mm512_fmadd_ps(ck[k], load_bf16(in[k] + i0, m), v);
+          store_bf16(out + i0, v, m);
+        }
+        i0 = seg_end;
+        continue;
+      }
+#endif
       // bf16/fp16: blocks converted in bulk into op-math buffers.
       for (; i0 < seg_end; i0 += kBlock) {
         const int64_t len = std::min(kBlock, seg_end - i0);

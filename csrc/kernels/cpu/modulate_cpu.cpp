@@ -1,6 +1,7 @@
 // CPU kernels for per-frame adaLN modulation and the per-frame gated residual.
 // Rows of D are handled in op-math type: bf16/fp16 rows are converted into small L1 buffers in
-// bulk (convert.h), fp32/fp64 rows are used in place. The forward reads x once and writes y once;
+// bulk (convert.h), fp32/fp64 rows are used in place; the gated residual reads and writes bf16
+// straight from registers where AVX-512 allows (FVDM_BF16_VECTORS). The forward reads x once and writes y once;
 // statistics are two-pass over the cached row for accuracy.
 #include <cmath>
 #include <type_traits>
@@ -156,6 +157,19 @@ void gated_fwd_impl(const GatedResidualFwdParams& p) {
       if (t.next(row, N)) {
         to_opmath(gate + t.frame * D, t.a.data(), D);
       }
+#if defined(FVDM_BF16_VECTORS)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // straight from bf16, no row buffers
+        const scalar_t* xr = x + row * D;
+        const scalar_t* hr = h + row * D;
+        scalar_t* o = out + row * D;
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 m = first_lanes(D - d);
+          const __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, t.a.data() + d), load_bf16(hr + d, m), load_bf16(xr + d, m));
+          store_bf16(o + d, v, m);
+        }
+        continue;
+      }
+#endif
       const opmath_t* __restrict__ xr = load_row(x + row * D, x_buf.data(), D);
       const opmath_t* __restrict__ hr = load_row(h + row * D, h_buf.data(), D);
       const opmath_t* __restrict__ g = t.a.data();
@@ -183,6 +197,17 @@ void gated_bwd_impl(const GatedResidualBwdParams& p) {
     opmath_t* __restrict__ dg = acc;
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t row = bf * N + n;
+#if defined(FVDM_BF16_VECTORS)
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // straight from bf16, no row buffers
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 m = first_lanes(D - d);
+          const __m512 gv = load_bf16(go + row * D + d, m);
+          store_bf16(dh + row * D + d, _mm512_mul_ps(gv, _mm512_maskz_loadu_ps(m, g + d)), m);
+          _mm512_mask_storeu_ps(dg + d, m, _mm512_fmadd_ps(gv, load_bf16(h + row * D + d, m), _mm512_maskz_loadu_ps(m, dg + d)));
+        }
+        continue;
+      }
+#endif
       const opmath_t* __restrict__ gr = load_row(go + row * D, buf.data() + D, D);
       const opmath_t* __restrict__ hr = load_row(h + row * D, buf.data() + 2 * D, D);
       opmath_t* __restrict__ o = out_row(dh + row * D, buf.data() + 3 * D, stream);
