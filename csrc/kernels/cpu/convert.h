@@ -22,6 +22,11 @@ namespace fvdm::cpu {
 template <typename scalar_t>
 constexpr bool kNeedsConversion = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
 
+#if defined(__AVX512F__)
+// Mask of the first min(n, 16) lanes of a 16-lane vector (the tail of a row).
+inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u); }
+#endif
+
 // Short row copies inline: a memcpy call per 64..1152-value row costs as much as the copy, and
 // GCC turns a plain copy loop back into a memcpy call, hence the intrinsics.
 template <typename T>
@@ -31,7 +36,7 @@ inline void copy_row(const T* __restrict__ src, T* __restrict__ dst, int64_t n) 
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_loadu_ps(src + i));
     if (i < n) {
-      const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
+      const __mmask16 m = first_lanes(n - i);
       _mm512_mask_storeu_ps(dst + i, m, _mm512_maskz_loadu_ps(m, src + i));
     }
     return;
@@ -97,7 +102,6 @@ inline void from_opmath(const at::opmath_type<scalar_t>* __restrict__ src, scala
 // kernels use these to skip the op-math row buffers: converting each row into L1 buffers and
 // back made bf16 rows cost 1.6x fp32 ones in cache.
 #define FVDM_BF16_VECTORS 1
-inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u); }
 inline __m512 load_bf16(const c10::BFloat16* p, __mmask16 m) {
   const __m256i h = _mm256_maskz_loadu_epi16(m, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));

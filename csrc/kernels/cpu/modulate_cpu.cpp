@@ -1,8 +1,8 @@
 // CPU kernels for per-frame adaLN modulation and the per-frame gated residual.
 // Rows of D are handled in op-math type: bf16/fp16 rows are converted into small L1 buffers in
 // bulk (convert.h), fp32/fp64 rows are used in place; the gated residual reads and writes bf16
-// straight from registers where AVX-512 allows (FVDM_BF16_VECTORS). The forward reads x once and writes y once;
-// statistics are two-pass over the cached row for accuracy.
+// straight from registers where AVX-512 allows (FVDM_BF16_VECTORS). The forward reads x once
+// and writes y once; statistics are two-pass over the cached row for accuracy.
 #include <cmath>
 #include <type_traits>
 #include <vector>

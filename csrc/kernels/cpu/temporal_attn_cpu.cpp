@@ -172,10 +172,10 @@ inline void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t ro
   if constexpr (std::is_same_v<T, float>) {
     for (int64_t r0 = 0; r0 < rows; r0 += 16) {
       const int64_t nr = std::min<int64_t>(16, rows - r0);
-      const __mmask16 out_mask = static_cast<__mmask16>((1u << nr) - 1u);
+      const __mmask16 out_mask = first_lanes(nr);
       for (int64_t c0 = 0; c0 < cols; c0 += 16) {
         const int64_t nc = std::min<int64_t>(16, cols - c0);
-        const __mmask16 in_mask = static_cast<__mmask16>((1u << nc) - 1u);
+        const __mmask16 in_mask = first_lanes(nc);
         __m512 blk[16];
         for (int64_t i = 0; i < 16; ++i)
           blk[i] = i < nr ? _mm512_maskz_loadu_ps(in_mask, src + (r0 + i) * lds + c0) : _mm512_setzero_ps();
@@ -303,7 +303,7 @@ inline void softmax_block16(float* s, const float* allow_t, const std::vector<ch
   __mmask16 has_key = 0;  // lse = m + log l; -inf for queries without keys
   for (int64_t i = 0; i < F; ++i) has_key |= static_cast<__mmask16>(any[i] ? 1u << i : 0u);
   const __m512 lse_v = _mm512_mask_mov_ps(neg_inf, has_key, _mm512_add_ps(m, log_ps(l)));
-  _mm512_mask_storeu_ps(lse, static_cast<__mmask16>((1u << F) - 1u), lse_v);
+  _mm512_mask_storeu_ps(lse, first_lanes(F), lse_v);
 }
 #endif
 
