@@ -36,19 +36,39 @@ inline void combine_direct(const FrameCombineFwdParams& p, const T* __restrict__
   }
 }
 
-template <typename T>
-inline void combine_direct_k(const FrameCombineFwdParams& p, const T* c, int64_t i0, int64_t len, T* o) {
-  switch (p.K) {
-    case 1: combine_direct<1>(p, c, i0, len, o); break;
-    case 2: combine_direct<2>(p, c, i0, len, o); break;
-    case 3: combine_direct<3>(p, c, i0, len, o); break;
-    case 4: combine_direct<4>(p, c, i0, len, o); break;
-    case 5: combine_direct<5>(p, c, i0, len, o); break;
-    case 6: combine_direct<6>(p, c, i0, len, o); break;
-    case 7: combine_direct<7>(p, c, i0, len, o); break;
-    default: combine_direct<kMaxCombineInputs>(p, c, i0, len, o); break;
+// f(std::integral_constant<int, K>{}): the loops over the K inputs are unrolled at compile time.
+template <typename F>
+inline void with_k(int64_t K, const F& f) {
+  switch (K) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, kMaxCombineInputs>{}); break;
   }
 }
+
+#if defined(__AVX512F__)
+// Large fp32 outputs: the same sum computed in registers and streamed out (stream_row).
+template <int K>
+inline void combine_stream(const FrameCombineFwdParams& p, const float* c, int64_t i0, int64_t len, float* o) {
+  const float* in[K];
+  __m512 ck[K];
+  for (int k = 0; k < K; ++k) {
+    in[k] = static_cast<const float*>(p.inputs[k]) + i0;
+    ck[k] = _mm512_set1_ps(c[k]);
+  }
+  stream_row(o, len, [&](int64_t i, __mmask16 m) {
+    __m512 v = _mm512_mul_ps(ck[0], _mm512_maskz_loadu_ps(m, in[0] + i));
+#pragma GCC unroll 8
+    for (int k = 1; k < K; ++k) v = _mm512_fmadd_ps(ck[k], _mm512_maskz_loadu_ps(m, in[k] + i), v);
+    return v;
+  });
+}
+#endif
 
 template <typename scalar_t, typename opmath_t>
 void combine_fwd_impl(const FrameCombineFwdParams& p) {
@@ -66,13 +86,21 @@ void combine_fwd_impl(const FrameCombineFwdParams& p) {
       const opmath_t* c = coeffs + bf * K;
       if constexpr (!kNeedsConversion<scalar_t>) {
         if (!stream) {
-          combine_direct_k(p, c, i0, seg_end - i0, out + i0);
-        } else {  // blocks through an L1 buffer, streamed out
-          for (; i0 < seg_end; i0 += kBlock) {
-            const int64_t len = std::min(kBlock, seg_end - i0);
-            combine_direct_k(p, c, i0, len, acc.data());
-            stream_copy(acc.data(), out + i0, len * static_cast<int64_t>(sizeof(scalar_t)));
-          }
+          with_k(K, [&](auto k) { combine_direct<decltype(k)::value>(p, c, i0, seg_end - i0, out + i0); });
+          i0 = seg_end;
+          continue;
+        }
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          with_k(K, [&](auto k) { combine_stream<decltype(k)::value>(p, c, i0, seg_end - i0, out + i0); });
+          i0 = seg_end;
+          continue;
+        }
+#endif
+        for (; i0 < seg_end; i0 += kBlock) {  // blocks through an L1 buffer, streamed out
+          const int64_t len = std::min(kBlock, seg_end - i0);
+          with_k(K, [&](auto k) { combine_direct<decltype(k)::value>(p, c, i0, len, acc.data()); });
+          stream_copy(acc.data(), out + i0, len * static_cast<int64_t>(sizeof(scalar_t)));
         }
         i0 = seg_end;
         continue;

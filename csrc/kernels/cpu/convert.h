@@ -134,6 +134,21 @@ inline void stream_copy(const void* src, void* dst, int64_t bytes) {
 #endif
 }
 
+#if defined(__AVX512F__)
+// dst[0, n) = f(d, m), 16 floats at a time (m: the lanes that exist): the 64-byte-aligned body
+// with streaming stores straight from registers, the head and tail with masked normal stores.
+// Stream the result this way rather than through an L1 row and stream_copy: a row's burst of
+// streaming stores stalls the loads behind it, and interleaved they overlap (an fp32 gated
+// residual at Latte-XL on 2 threads, alone: 0.95-1.07 ms this way, 1.48-1.91 ms through a row).
+template <typename F>
+inline void stream_row(float* dst, int64_t n, const F& f) {
+  int64_t d = std::min<int64_t>(n, static_cast<int64_t>((64 - (reinterpret_cast<uintptr_t>(dst) & 63)) & 63) / 4);
+  if (d > 0) _mm512_mask_storeu_ps(dst, first_lanes(d), f(int64_t(0), first_lanes(d)));
+  for (; d + 16 <= n; d += 16) _mm512_stream_ps(dst + d, f(d, __mmask16(0xFFFF)));
+  if (d < n) _mm512_mask_storeu_ps(dst + d, first_lanes(n - d), f(d, first_lanes(n - d)));
+}
+#endif
+
 // Streaming stores are weakly ordered: publish them before the work is handed back.
 inline void stream_fence() {
 #if defined(__AVX512F__)

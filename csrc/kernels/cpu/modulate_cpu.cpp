@@ -15,8 +15,8 @@
 namespace fvdm::cpu {
 namespace {
 
-// Large fp32/fp64 outputs are streamed (use_streaming, convert.h): measured here, gated
-// residual at Latte-S 0.8 -> 0.3-0.5 ms; adaLN at Latte-S (25 MiB) is faster with normal stores.
+// Large fp32/fp64 outputs are streamed (use_streaming, convert.h): fp32 straight from
+// registers (stream_row), fp64 (gradcheck only) through a row buffer and stream_copy.
 
 // Where a row result is computed: straight into the output for fp32/fp64 stored normally,
 // else into `buf` (converted, or streamed, by flush_row). End a chunk with stream_fence().
@@ -69,15 +69,27 @@ void adaln_fwd_impl(const AdalnFwdParams& p) {
       const opmath_t* __restrict__ r = load_row(x + row * D, in_buf.data(), D);
       const opmath_t* __restrict__ sh = t.a.data();
       const opmath_t* __restrict__ sc1 = t.b.data();
-      opmath_t* __restrict__ o = out_row(y + row * D, out_buf.data(), stream);
       const opmath_t mean = lane_sum<opmath_t>(D, [r](int64_t d) { return r[d]; }) * inv_d;
       const opmath_t sq = lane_sum<opmath_t>(D, [r, mean](int64_t d) { return (r[d] - mean) * (r[d] - mean); });
       const opmath_t rstd = opmath_t(1) / std::sqrt(sq * inv_d + eps);
+      mean_out[row] = mean;
+      rstd_out[row] = rstd;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (stream) {
+          const __m512 mv = _mm512_set1_ps(mean), rv = _mm512_set1_ps(rstd);
+          stream_row(y + row * D, D, [&](int64_t d, __mmask16 m) {
+            const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, r + d), mv), rv);
+            return _mm512_fmadd_ps(xh, _mm512_maskz_loadu_ps(m, sc1 + d), _mm512_maskz_loadu_ps(m, sh + d));
+          });
+          continue;
+        }
+      }
+#endif
+      opmath_t* __restrict__ o = out_row(y + row * D, out_buf.data(), stream);
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) o[d] = (r[d] - mean) * rstd * sc1[d] + sh[d];
       flush_row(o, y + row * D, D, stream);
-      mean_out[row] = mean;
-      rstd_out[row] = rstd;
     }
     stream_fence();
   });
@@ -127,6 +139,18 @@ void adaln_bwd_impl(const AdalnBwdParams& p) {
         s2 += gg * xh;
       }
       const opmath_t c1 = s1 * inv_d, c2 = s2 * inv_d;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (stream) {
+          const __m512 rv = _mm512_set1_ps(rs), c1v = _mm512_set1_ps(c1), c2v = _mm512_set1_ps(c2);
+          stream_row(dx + row * D, D, [&](int64_t d, __mmask16 m) {
+            const __m512 t = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(m, xhat + d), c2v, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, gm + d), c1v));
+            return _mm512_mul_ps(rv, t);
+          });
+          continue;
+        }
+      }
+#endif
       opmath_t* __restrict__ o = out_row(dx + row * D, x_buf, stream);  // x_buf is free again here
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) o[d] = rs * (gm[d] - c1 - xhat[d] * c2);
@@ -170,6 +194,19 @@ void gated_fwd_impl(const GatedResidualFwdParams& p) {
         continue;
       }
 #endif
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (stream) {
+          const float* xr = x + row * D;
+          const float* hr = h + row * D;
+          const float* g = t.a.data();
+          stream_row(out + row * D, D, [&](int64_t d, __mmask16 m) {
+            return _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, g + d), _mm512_maskz_loadu_ps(m, hr + d), _mm512_maskz_loadu_ps(m, xr + d));
+          });
+          continue;
+        }
+      }
+#endif
       const opmath_t* __restrict__ xr = load_row(x + row * D, x_buf.data(), D);
       const opmath_t* __restrict__ hr = load_row(h + row * D, h_buf.data(), D);
       const opmath_t* __restrict__ g = t.a.data();
@@ -206,6 +243,20 @@ void gated_bwd_impl(const GatedResidualBwdParams& p) {
           _mm512_mask_storeu_ps(dg + d, m, _mm512_fmadd_ps(gv, load_bf16(h + row * D + d, m), _mm512_maskz_loadu_ps(m, dg + d)));
         }
         continue;
+      }
+#endif
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (stream) {
+          const float* gr = go + row * D;
+          const float* hr = h + row * D;
+          stream_row(dh + row * D, D, [&](int64_t d, __mmask16 m) {
+            const __m512 gv = _mm512_maskz_loadu_ps(m, gr + d);
+            _mm512_mask_storeu_ps(dg + d, m, _mm512_fmadd_ps(gv, _mm512_maskz_loadu_ps(m, hr + d), _mm512_maskz_loadu_ps(m, dg + d)));
+            return _mm512_mul_ps(gv, _mm512_maskz_loadu_ps(m, g + d));
+          });
+          continue;
+        }
       }
 #endif
       const opmath_t* __restrict__ gr = load_row(go + row * D, buf.data() + D, D);
