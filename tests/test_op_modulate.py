@@ -88,7 +88,7 @@ def test_adaln_wide_rows_and_single_frame():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("D", [1152, 1000])  # rows of whole 64-byte lines, and rows that are not
 def test_large_outputs_use_streaming_stores_correctly(dtype, D):
-    # Kernels moving over 32 MiB write their output with streaming stores (modulate_cpu.cpp):
+    # Kernels moving over 16 MiB write their output with streaming stores (modulate_cpu.cpp):
     # 4M+ values per tensor puts every op there in fp32, forward and backward; check them all,
     # with rows of whole 64-byte lines and rows that are not (normal stores for head and tail).
     shape = (1, 2, 4 * 1024 * 1024 // (2 * D) + 3, D)

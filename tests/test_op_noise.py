@@ -52,11 +52,11 @@ def test_frame_combine_gradcheck_and_opcheck():
 @pytest.mark.parametrize("inner", [16 * 1024, 16 * 1024 + 7])  # frames of whole 64-byte lines, and not
 @pytest.mark.parametrize("K", [1, 3])
 def test_large_combines_use_streaming_stores_correctly(dtype, inner, K):
-    # Combines moving over 32 MiB write their output with streaming stores (combine_cpu.cpp:
+    # Combines moving over 16 MiB write their output with streaming stores (combine_cpu.cpp:
     # fp32 from registers, fp64 through an L1 block buffer): check them against the reference,
     # with frames that start on a 64-byte line and frames that do not (normal stores for the
     # head and tail of a run).
-    numel = (32 << 20) // ((K + 1) * dtype.itemsize) + 5 * inner
+    numel = (16 << 20) // ((K + 1) * dtype.itemsize) + 5 * inner
     shape = (1, -(-numel // inner), inner)
     inputs = [rand(shape, dtype, 20 + k) for k in range(K)]
     coeffs = rand(shape[:2] + (K,), torch.float32, 30)

@@ -156,13 +156,16 @@ inline void stream_fence() {
 #endif
 }
 
-// When a kernel's inputs and output (`streams` tensors of `numel` elements) outgrow a typical
-// server last-level cache (32 MiB, one EPYC CCD), its output would be evicted before the next
-// op reads it anyway: fp32/fp64 outputs are then written with streaming stores (stream_copy).
-// Below that, normal stores keep the output in cache for its reader (adaLN at Latte-S, 25 MiB:
-// 0.52-0.63 ms with normal stores vs 0.67-0.71 ms streaming), and a CPU demo's small
-// activations never stream. bf16/fp16 outputs are converted from a buffer instead.
-constexpr int64_t kStreamBytes = int64_t(32) << 20;
+// When a kernel's inputs and output (`streams` tensors of `numel` elements) outgrow half a
+// typical server last-level cache (32 MiB, one EPYC CCD; on a shared host the part left to us
+// is smaller), its output would be evicted before the next op reads it anyway: fp32/fp64
+// outputs are then written with streaming stores (stream_row / stream_copy). Below that,
+// normal stores keep the output in cache for its reader, and a CPU demo's small activations
+// never stream. adaLN at Latte-S (24 MiB) is above: timed in turns with other work between
+// calls, as in `bench kernels` or a model, it took 0.60-0.65 ms streamed vs 0.90-1.01 ms with
+// normal stores when the host was slow, 0.48 ms both when it was fast (back to back with its
+// data left in cache, normal stores won by a little). bf16/fp16 outputs are never streamed.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
 template <typename scalar_t>
 inline bool use_streaming(int64_t numel, int64_t streams) {
