@@ -92,6 +92,31 @@ def test_train_writes_outputs_and_refuses_to_clobber(tmp_path):
     assert_same_weights(before, final_weights(run))
 
 
+def test_sample_use_ema_picks_the_weights_and_the_flag_overrides_it(tmp_path):
+    """sample.use_ema decides which weights load_run (so `sample`, `eval`) and the training
+    previews use; --ema / --no-ema override it."""
+    from fvdm.runs import load_run
+
+    run = tmp_path / "run"
+    train(tiny("train.steps=3", "train.ckpt_every=3", "sample.use_ema=false"), run, progress=False)
+    latest = sorted((run / "checkpoints").glob("step_*"))[-1]
+    raw, ema = load_file(latest / "model.safetensors"), load_file(latest / "ema.safetensors")
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # decay 0.9 over 3 steps: they differ
+
+    def weights(loaded):
+        return {k: v for k, v in loaded.model.state_dict().items() if k in raw}
+
+    for use_ema, want, flag in ((None, raw, False), (True, ema, True), (False, raw, False)):
+        loaded = load_run(run, use_ema=use_ema)
+        assert loaded.ema is flag
+        assert_same_weights(want, weights(loaded))
+    for args, label in (([], "raw weights"), (["--ema"], "EMA weights")):
+        result = run_cli("sample", "unconditional", "--run", str(run), "--num", "1", "--steps", "2", "--no-progress",
+                         "--out", str(tmp_path / "s"), *args)
+        assert result.returncode == 0, result.stderr
+        assert label in " ".join(result.stdout.split())  # rich may wrap the line
+
+
 def test_resume_after_sigkill_is_exact(tmp_path):
     """Uninterrupted 8 steps == 8 steps killed with SIGKILL after a checkpoint, then --resume."""
     args = TINY + ["train.steps=8", "train.ckpt_every=1"]

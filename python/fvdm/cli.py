@@ -339,7 +339,8 @@ def sample(
                                                    "(re-noised to the current time each step, for scalar-timestep "
                                                    "models)")] = "hold",
     seed: Annotated[int | None, typer.Option(help="sampling seed (default sample.seed)")] = None,
-    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="sample the EMA weights")] = True,
+    ema: Annotated[bool | None, typer.Option("--ema/--no-ema", help="sample the EMA weights (default: the config's "
+                                                                   "sample.use_ema)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     out: Annotated[Path | None, typer.Option(help="output folder (default <run>/samples/<task>)")] = None,
     show_progress: Annotated[bool, typer.Option("--progress/--no-progress", help="rich progress bar")] = True,
@@ -374,7 +375,7 @@ def sample(
     tasks = list(TASKS) if task == "all" else [task]
     base = out or Path(run) / "samples"
     console.print(f"sampling {', '.join(tasks)} with {loaded.checkpoint} (step {loaded.step}, "
-                  f"{'EMA' if ema else 'raw'} weights)")
+                  f"{'EMA' if loaded.ema else 'raw'} weights)")
     n_videos = num or cfg.sample.num_videos
     for name in tasks:
         cond = None
@@ -421,7 +422,8 @@ def eval_loss(
     run: Annotated[Path, typer.Option(help="run directory (or a checkpoint directory)")] = Path("runs/demo_cpu"),
     ckpt: Annotated[Path | None, typer.Option(help="checkpoint directory (default: the run's latest good one)")] = None,
     clips: Annotated[int, typer.Option(min=1, help="held-out clips")] = 32,
-    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="evaluate the EMA weights")] = True,
+    ema: Annotated[bool | None, typer.Option("--ema/--no-ema", help="evaluate the EMA weights (default: the "
+                                                                   "config's sample.use_ema)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the noise and timesteps (same for every checkpoint)")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
@@ -443,7 +445,7 @@ def eval_loss(
     out = Path(run) / "eval" / "loss.json"
     from fvdm import media
 
-    media.write_json(out, {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": ema, "seed": seed,
+    media.write_json(out, {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": loaded.ema, "seed": seed,
                            "clips": clips, "loss": rows})
     console.print(f"written to {out}")
 
@@ -458,7 +460,8 @@ def eval_synthetic(
     steps: Annotated[int | None, typer.Option(min=1, help="sampler steps (default sample.steps)")] = None,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     conditioning: Annotated[str, typer.Option(help="hold (FVDM) | replace (scalar-timestep models)")] = "hold",
-    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="evaluate the EMA weights")] = True,
+    ema: Annotated[bool | None, typer.Option("--ema/--no-ema", help="evaluate the EMA weights (default: the "
+                                                                   "config's sample.use_ema)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     out: Annotated[Path | None, typer.Option(help="JSON file (default <run>/eval/synthetic.json)")] = None,
     show_progress: Annotated[bool, typer.Option("--progress/--no-progress", help="rich progress bar")] = True,
@@ -488,7 +491,7 @@ def eval_synthetic(
             table.add_row(task if i == 0 else "", metric, f"{value:.3f}", "" if truth is None else f"{truth:.3f}")
     console.print(table)
     path = out or Path(run) / "eval" / "synthetic.json"
-    media.write_json(path, {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": ema, "seed": seed,
+    media.write_json(path, {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": loaded.ema, "seed": seed,
                             "videos": videos, "steps": steps or loaded.cfg.sample.steps, "conditioning": conditioning,
                             "results": results})
     console.print(f"written to {path}")

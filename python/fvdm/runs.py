@@ -23,12 +23,14 @@ class LoadedRun:
     checkpoint: Path
     step: int
     codec: Codec
+    ema: bool  # the EMA weights were loaded (else the raw ones)
 
 
-def load_run(run: str | Path, checkpoint: str | Path | None = None, use_ema: bool = True,
+def load_run(run: str | Path, checkpoint: str | Path | None = None, use_ema: bool | None = None,
              device: str = "auto") -> LoadedRun:
     """run: a run directory (its config.yaml; the latest good checkpoint unless `checkpoint`)
-    or a checkpoint directory (the config stored in its meta.json)."""
+    or a checkpoint directory (the config stored in its meta.json). use_ema: load the EMA
+    weights (None: as the config's sample.use_ema says; the raw ones where none were saved)."""
     run = Path(run)
     if not run.exists():
         raise UserError(f"{run}: no such run or checkpoint directory")
@@ -48,7 +50,8 @@ def load_run(run: str | Path, checkpoint: str | Path | None = None, use_ema: boo
         raise UserError(f"no config.yaml in {run} and none stored in {ckpt.path}")
     dev = resolve_device(device)
     model = build_model(cfg)
-    weights = ckpt.ema if use_ema and ckpt.ema is not None else ckpt.model
+    ema = (cfg.sample.use_ema if use_ema is None else use_ema) and ckpt.ema is not None
+    weights = ckpt.ema if ema else ckpt.model
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -60,7 +63,7 @@ def load_run(run: str | Path, checkpoint: str | Path | None = None, use_ema: boo
         from fvdm.data import load_vae
 
         codec = Codec(load_vae(cfg.data.vae, device=dev))
-    return LoadedRun(cfg, model, ckpt.path, int(ckpt.meta.get("step", ckpt.step)), codec)
+    return LoadedRun(cfg, model, ckpt.path, int(ckpt.meta.get("step", ckpt.step)), codec, ema)
 
 
 # ----------------------------------------------------------------------------- conditioning inputs

@@ -295,7 +295,8 @@ class Trainer:
             self._restore_signal_handlers(handlers)
 
     def preview(self) -> Path | None:
-        """A grid of EMA samples (rows: videos, columns: frames) in samples/step_*.png."""
+        """A grid of samples (rows: videos, columns: frames) in samples/step_*.png, from the
+        weights `sample` uses (sample.use_ema: the EMA or the raw ones)."""
         if not self.world.is_main:
             D.barrier(self.world)
             return None
@@ -303,8 +304,11 @@ class Trainer:
 
         tc = self.cfg.train
         codec = Codec(getattr(self.dataset, "vae", None))  # latents are decoded to pixels
-        videos = generate(self.ema.model, self.cfg, "unconditional", num_videos=tc.sample_videos,
+        model = self.ema.model if self.cfg.sample.use_ema else self.model
+        training = model.training
+        videos = generate(model, self.cfg, "unconditional", num_videos=tc.sample_videos,
                           steps=tc.sample_steps, seed=tc.seed, device=self.device, codec=codec)
+        model.train(training)  # generate() put it in eval mode
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         media.save_contact_sheet(path, videos.video, held=videos.held)
         D.barrier(self.world)
