@@ -139,7 +139,8 @@ inline void stream_copy(const void* src, void* dst, int64_t bytes) {
 // with streaming stores straight from registers, the head and tail with masked normal stores.
 // Stream the result this way rather than through an L1 row and stream_copy: a row's burst of
 // streaming stores stalls the loads behind it, and interleaved they overlap (an fp32 gated
-// residual at Latte-XL on 2 threads, alone: 0.95-1.07 ms this way, 1.48-1.91 ms through a row).
+// residual at Latte-XL, 2 threads, in a standalone C++ probe: 0.95-1.07 ms this way, 1.48-1.91
+// ms through a row).
 template <typename F>
 inline void stream_row(float* dst, int64_t n, const F& f) {
   int64_t d = std::min<int64_t>(n, static_cast<int64_t>((64 - (reinterpret_cast<uintptr_t>(dst) & 63)) & 63) / 4);
