@@ -70,7 +70,7 @@ def write_mp4(path: Path, frames: int, size: int) -> None:
 def test_sample_every_task_writes_outputs(capsys, run_dir, tmp_path):
     out = tmp_path / "samples"
     code, stdout, err = cli(capsys, "sample", "all", "--run", str(run_dir), "--out", str(out), "--no-progress",
-                            "--frames", "6")
+                            "--frames", "6", "--stg", "1.0")  # skip guidance through every task's sampler
     assert code == 0, err
     for task in ("unconditional", "i2v", "interpolate", "extend", "long", "rolling"):
         files = {p.name for p in (out / task).iterdir()}
@@ -123,6 +123,10 @@ def test_unknown_config_key_and_bad_option(capsys, tmp_path):
     assert_one_line_error(code, err, "--noise-scale", "-0.5")
     code, _, err = cli(capsys, "train", "--out", str(tmp_path / "r"), "sample.noise_scale=-1")
     assert_one_line_error(code, err, "sample.noise_scale")
+    code, _, err = cli(capsys, "sample", "unconditional", "--stg", "nan", "--run", "x")
+    assert_one_line_error(code, err, "--stg", "nan")
+    code, _, err = cli(capsys, "train", "--out", str(tmp_path / "r"), "sample.stg_scale=-1")
+    assert_one_line_error(code, err, "sample.stg_scale")
 
 
 def test_missing_and_unreadable_inputs(capsys, run_dir, tmp_path):

@@ -14,6 +14,7 @@ from fvdm.diffusion import (
     FlowSchedule,
     classifier_free_guidance,
     clean_prefix_mask,
+    skip_guidance,
     cosine_betas,
     ddpm_ladder,
     ddpm_schedule,
@@ -616,6 +617,28 @@ def test_classifier_free_guidance_mixes_only_prediction_channels():
     torch.testing.assert_close(out[:, :, :2], 4.0 * x * y[:, None, None, None, None])  # uncond = 0
     torch.testing.assert_close(out[:, :, 2:], x + y[:, None, None, None, None])  # from cond, unmixed
     torch.testing.assert_close(classifier_free_guidance(model, y, 1.0, 0)(x, t), model(x, t, y))
+
+
+def test_skip_guidance_pushes_away_from_the_frame_local_model():
+    from fvdm.models import latte
+
+    torch.manual_seed(0)
+    model = latte("T/2", input_size=4, in_channels=2, num_frames=5, depth=2, learn_sigma=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # past adaLN-zero: frames do meet
+            p.add_(0.05 * torch.randn(p.shape))
+    x, t = torch.randn(SHAPE), torch.randint(0, 1000, SHAPE[:2]).float()
+
+    def net(x, t, **kw):
+        return model(x, t, **kw)
+
+    with torch.no_grad():
+        full, weak = net(x, t), net(x, t, frame_local=True)
+        out = skip_guidance(net, 2.0)(x, t)
+    assert (full - weak).abs().max() > 1e-4
+    torch.testing.assert_close(out[:, :, :2], full[:, :, :2] + 2.0 * (full[:, :, :2] - weak[:, :, :2]))
+    torch.testing.assert_close(out[:, :, 2:], full[:, :, 2:])  # the learned variance, unmixed
+    assert skip_guidance(net, 0.0) is net
 
 
 # ----------------------------------------------------------------------------- task builders

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from fvdm.data import MovingSprites
-from fvdm.eval.sprites import frame_blobs, score_video, score_videos
+from fvdm.eval.sprites import Thresholds, frame_blobs, score_video, score_videos, thresholds_for
 
 
 def sprites(n=16, size=16, frames=8, **kw):
@@ -21,6 +21,15 @@ def test_true_videos_are_coherent():
     summary = score_videos(videos)
     assert summary["coherent"] >= 0.9
     assert summary["frames_with_expected_count"] == 1.0
+
+
+def test_faster_true_videos_stay_coherent_with_their_thresholds():
+    # sprites twice as fast bounce twice as hard: the default jerk bound rejects true clips,
+    # the bound scaled to the data's top speed keeps them
+    videos, ds = sprites(64, speed=(1.0, 3.0))
+    assert score_videos(videos, th=thresholds_for(ds))["coherent"] >= 0.9
+    assert score_videos(videos)["coherent"] < 0.85
+    assert thresholds_for(sprites(1)[1]) == Thresholds()  # default speeds: the default bounds
 
 
 def test_centroid_follows_the_physics():

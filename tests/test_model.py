@@ -208,6 +208,33 @@ def test_joint_block_is_spatial_attention_over_the_whole_clip():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("fused", marks=needs_c)])
+def test_frame_local_keeps_frames_apart(backend):
+    # frame_local (the weak model of skip guidance): a change in frame 2 reaches no other frame,
+    # through temporal and joint blocks alike; without it the change spreads
+    model = make(depth=3, backend=backend, block_pattern="STJ").eval()
+    x, t = inputs()
+    x2 = x.clone()
+    x2[:, 2] += 0.5
+    diff = (model(x, t, frame_local=True) - model(x2, t, frame_local=True)).abs().flatten(2).amax(-1)  # (B, F)
+    assert (diff[:, 2] > 1e-4).all()
+    assert torch.equal(diff[:, [0, 1, 3, 4, 5]], torch.zeros(2, 5))
+    full = (model(x, t) - model(x2, t)).abs().flatten(2).amax(-1)
+    assert (full[:, [0, 1, 3, 4, 5]] > 1e-6).all()
+
+
+def test_frame_local_temporal_block_passes_each_frames_value():
+    # with every frame seeing only itself the attention weight is 1 on its own value: the block
+    # gives proj(v) of each frame, what a one-frame clip gives
+    torch.manual_seed(0)
+    block = perturbed(LatteBlock(64, 4, 4.0, "T"))
+    ops = get_backend("reference")
+    x, c = torch.randn(2, 5, 7, 64), torch.randn(2, 5, 64)
+    got = block(x, c, ops, frame_local=True)
+    want = torch.cat([block(x[:, f:f + 1], c[:, f:f + 1], ops) for f in range(5)], dim=1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- options
 
 

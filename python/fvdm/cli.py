@@ -333,6 +333,8 @@ def sample(
     noise_scale: Annotated[float | None, typer.Option(help="temperature of each step's fresh noise, ddpm or ddim "
                                                           "eta > 0 (1: exact; default sample.noise_scale)")] = None,
     guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (class-conditional models)")] = None,
+    stg: Annotated[float | None, typer.Option(help="spatiotemporal skip guidance scale: pushes the frames to agree "
+                                                   "(0: off; default sample.stg_scale; doubles the sampling cost)")] = None,
     label: Annotated[int | None, typer.Option(help="class id (class-conditional models)")] = None,
     lag: Annotated[int, typer.Option(help="rolling: steps between consecutive frames' starts")] = 1,
     conditioning: Annotated[str, typer.Option(help="how given frames enter: hold (FVDM: clean, at t = 0) | replace "
@@ -361,8 +363,9 @@ def sample(
     for name, value in (("--num", num), ("--steps", steps), ("--frames", frames), ("--lag", lag)):
         if value is not None and value < 1:
             fail(f"{name} must be >= 1, got {value}")
-    if noise_scale is not None and not (math.isfinite(noise_scale) and noise_scale >= 0):
-        fail(f"--noise-scale must be a finite number >= 0, got {noise_scale}")
+    for name, value in (("--noise-scale", noise_scale), ("--stg", stg)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            fail(f"{name} must be a finite number >= 0, got {value}")
     idx = None
     if keyframes is not None:
         try:
@@ -394,7 +397,7 @@ def sample(
                 seed=cfg.sample.seed if seed is None else seed, device=next(model.parameters()).device,
                 condition=cond, keyframe_indices=idx, total_frames=frames, lag=lag,
                 labels=None if label is None else torch.tensor([label]), guidance_scale=guidance,
-                codec=loaded.codec, conditioning=conditioning,
+                stg_scale=stg, codec=loaded.codec, conditioning=conditioning,
                 callback=lambda done, total: bar.update(bar_task, completed=done, total=total),
             )
         task_dir = (base / name) if (task == "all" or out is None) else base
@@ -410,10 +413,11 @@ def _sprite_summary(cfg, videos: torch.Tensor, name: str) -> str:
     """For runs on the built-in sprites: how many videos the sprite tracker reads as coherent."""
     if cfg.data.kind != "sprites":
         return ""
-    from fvdm.eval.sprites import expected_sprites, score_videos
+    from fvdm.eval.sprites import expected_sprites, score_videos, thresholds_for
     from fvdm.runs import held_out_dataset
 
-    n = score_videos(videos, expected=expected_sprites(held_out_dataset(cfg, cfg.data.num_frames)))
+    ds = held_out_dataset(cfg, cfg.data.num_frames)
+    n = score_videos(videos, expected=expected_sprites(ds), th=thresholds_for(ds))
     return f"  {name}: sprite tracker reads {round(n['coherent'] * len(videos))}/{len(videos)} videos as coherent"
 
 

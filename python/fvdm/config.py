@@ -111,6 +111,9 @@ class SampleConfig:
     noise_scale: float = 1.0  # temperature of each step's fresh noise (ddpm, ddim eta > 0); 1: exact
     clip_x0: float | None = None  # clamp each step's x0 estimate to [-c, c]; None (the reference): no clamp
     guidance_scale: float = 1.0
+    # spatiotemporal skip guidance (diffusion.guidance.skip_guidance): prediction + s * (prediction
+    # - the same network with its frames kept apart); 0: off. Doubles the sampling cost.
+    stg_scale: float = 0.0
     num_videos: int = 4
     use_ema: bool = True
     fps: int = 8
@@ -167,7 +170,7 @@ class Config:
                 raise UserError(f"{key} must be >= 1, got {self.get(key)}")
         for key in ("train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip_after",
                     "train.sample_every", "train.keep_checkpoints", "data.num_workers", "sample.eta",
-                    "sample.noise_scale"):
+                    "sample.noise_scale", "sample.stg_scale"):
             if self.get(key) < 0:
                 raise UserError(f"{key} must be >= 0, got {self.get(key)}")
         if self.diffusion.min_snr_gamma is not None and not self.diffusion.min_snr_gamma > 0:

@@ -12,6 +12,7 @@ sliding windows to `total_frames`), rolling (diagonal schedule: later frames noi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +26,7 @@ from fvdm.diffusion import (
     long_video,
     rolling_diagonal,
     sample,
+    skip_guidance,
     task_matrix,
     unconditional,
     window_sampler,
@@ -84,6 +86,7 @@ def generate(
     lag: int = 1,
     labels: torch.Tensor | None = None,
     guidance_scale: float | None = None,
+    stg_scale: float | None = None,
     codec: Codec | None = None,
     conditioning: str = "hold",
     callback: Callable[[int, int], None] | None = None,
@@ -107,7 +110,10 @@ def generate(
     Fw = model.config.num_frames
     C, H = model.config.in_channels, model.config.input_size
     shape = (num_videos, Fw, C, H, H)
-    model_fn = _model_fn(model, cfg, num_videos, labels, guidance_scale, device)
+    stg_scale = sc.stg_scale if stg_scale is None else stg_scale
+    if not (math.isfinite(stg_scale) and stg_scale >= 0):
+        raise UserError(f"the skip-guidance scale (sample.stg_scale) must be a finite number >= 0, got {stg_scale}")
+    model_fn = skip_guidance(_model_fn(model, cfg, num_videos, labels, guidance_scale, device), stg_scale)
     g = torch.Generator(device).manual_seed(seed)
     ladder = ladder_for(schedule, steps)
     kwargs = dict(method=method, objective=cfg.diffusion.objective, eta=eta, noise_scale=noise_scale,
@@ -191,7 +197,7 @@ def _model_fn(model, cfg: Config, batch: int, labels, guidance_scale, device):
     if model.config.num_classes == 0:
         if labels is not None:
             raise UserError("labels were given but the model is unconditional")
-        return lambda x, t, *x_self: model(x, t, None, *x_self)
+        return lambda x, t, *x_self, **kw: model(x, t, None, *x_self, **kw)
     if labels is None:  # class-conditional: classes 0, 1, 2, ... in turn
         labels = torch.arange(batch) % model.config.num_classes
     y = torch.as_tensor(labels, device=device).reshape(-1)

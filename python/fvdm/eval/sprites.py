@@ -107,6 +107,16 @@ def expected_sprites(dataset) -> int | None:
     return dataset.max_sprites if dataset.min_sprites == dataset.max_sprites else None
 
 
+_JERK_TOP_SPEED = 1.5  # the top sprite speed (data.sprites.speed) the default jerk bound is set for
+
+
+def thresholds_for(dataset) -> Thresholds:
+    """The bounds for videos of a MovingSprites dataset. A bounce flips one velocity component,
+    so the centroid's second difference there is up to twice the speed: the jerk bound, which
+    true clips of the default speeds (0.5-1.5) pass, grows in proportion to the top speed."""
+    return Thresholds(jerk=Thresholds.jerk * max(1.0, dataset.speed[1] / _JERK_TOP_SPEED))
+
+
 def score_videos(videos: torch.Tensor, expected: int | None = 1, th: Thresholds = Thresholds()) -> dict:
     """(B, F, C, H, W) -> summary: fraction coherent, the mean fraction of frames showing the
     expected number of sprites, and the median of each other criterion (medians: one broken

@@ -40,7 +40,7 @@ from fvdm.data import MovingSprites
 from fvdm.diffusion import DDPMSchedule, noised_input, predict_x0_eps
 from fvdm.errors import UserError
 from fvdm.eval.frechet import FeatureStats, frechet_from_stats
-from fvdm.eval.sprites import expected_sprites, frame_blobs, score_videos
+from fvdm.eval.sprites import Thresholds, expected_sprites, frame_blobs, score_videos, thresholds_for
 from fvdm.generate import generate
 from fvdm.runs import LoadedRun, held_out_dataset
 
@@ -190,7 +190,7 @@ def evaluate_synthetic(
     ds = held_out_dataset(cfg, Fw)
     if not isinstance(ds, MovingSprites):
         raise UserError("eval synthetic needs the plain sprites dataset (no class labels)")
-    expected = expected_sprites(ds)
+    expected, th = expected_sprites(ds), thresholds_for(ds)
     device = next(run.model.parameters()).device
     k_extend = Fw // 2
     long_frames = 4 * Fw
@@ -215,12 +215,12 @@ def evaluate_synthetic(
     if "unconditional" in tasks:
         fake = run_task("unconditional")
         results["unconditional"] = {
-            "model": {**_coherence(score_videos(fake, expected)), "proxy_fvd": proxy_fvd(fake, real)},
-            "data": {**_coherence(score_videos(real, expected)), "proxy_fvd": proxy_fvd(other_real, real)},
+            "model": {**_coherence(score_videos(fake, expected, th)), "proxy_fvd": proxy_fvd(fake, real)},
+            "data": {**_coherence(score_videos(real, expected, th)), "proxy_fvd": proxy_fvd(other_real, real)},
         }
     if "i2v" in tasks:
         fake = run_task("i2v", condition=real[:, :1])
-        results["i2v"] = {"model": _i2v_metrics(fake, real, expected), "data": _i2v_metrics(real, real, expected)}
+        results["i2v"] = {"model": _i2v_metrics(fake, real, expected, th), "data": _i2v_metrics(real, real, expected, th)}
     if "interpolate" in tasks:
         fake = run_task("interpolate", condition=real, keyframe_indices=[0, Fw - 1])
         results["interpolate"] = {"model": _interpolation_metrics(fake, real)}
@@ -230,8 +230,8 @@ def evaluate_synthetic(
         results["extend"] = {"model": _extension_metrics(fake, full, k_extend)}
     if "long" in tasks:
         fake = run_task("long", total_frames=long_frames)
-        results["long"] = {"model": _long_metrics(fake, Fw, expected),
-                           "data": _long_metrics(truth[long_frames], Fw, expected)}
+        results["long"] = {"model": _long_metrics(fake, Fw, expected, th),
+                           "data": _long_metrics(truth[long_frames], Fw, expected, th)}
     if "identity" in tasks:
         results["identity"] = {"model": identity_transfer(run, real, seed=seed, batch_size=batch_size)}
     return results
@@ -280,7 +280,7 @@ def identity_transfer(run: LoadedRun, clips: torch.Tensor, noise_level: float = 
     return {"hue_error_near": float(err[0]), "hue_error_far": float(err[-1]), "hue_error_mean": float(err.mean())}
 
 
-def _i2v_metrics(fake: torch.Tensor, real: torch.Tensor, expected) -> dict:
+def _i2v_metrics(fake: torch.Tensor, real: torch.Tensor, expected, th: Thresholds) -> dict:
     """Coherence of the generated frames, and how far their sprite's colour (RGB distance) and
     area (relative) are from the given frame's, median over frames then over videos."""
     colour_err, area_err = [], []
@@ -289,7 +289,7 @@ def _i2v_metrics(fake: torch.Tensor, real: torch.Tensor, expected) -> dict:
         c0, a0 = _colour_and_area(r[:1])
         colour_err.append(np.nanmedian(np.linalg.norm(c - c0, axis=1)) if np.isfinite(c).any() else np.inf)
         area_err.append(np.median(np.abs(a / max(a0[0], 1e-6) - 1.0)))
-    return {**_coherence(score_videos(fake, expected)), "colour_error": _nanmedian(colour_err),
+    return {**_coherence(score_videos(fake, expected, th)), "colour_error": _nanmedian(colour_err),
             "area_error": _nanmedian(area_err)}
 
 
@@ -311,7 +311,7 @@ def _extension_metrics(fake: torch.Tensor, real: torch.Tensor, k: int) -> dict:
             "psnr": float(psnr(gen_f.flatten(0, 1), gen_r.flatten(0, 1)).mean())}
 
 
-def _long_metrics(videos: torch.Tensor, window: int, expected) -> dict:
+def _long_metrics(videos: torch.Tensor, window: int, expected, th: Thresholds) -> dict:
     """Coherence over the whole long video, and drift: how far the sprite's colour (RGB
     distance) and area (relative) in the last window are from the first window's."""
     colour_drift, area_drift = [], []
@@ -321,5 +321,5 @@ def _long_metrics(videos: torch.Tensor, window: int, expected) -> dict:
         a_first, a_last = a[:window].mean(), a[-window:].mean()
         colour_drift.append(float(np.linalg.norm(c_last - c_first)))
         area_drift.append(abs(a_last / a_first - 1.0) if a_first > 0 else math.inf)
-    return {**_coherence(score_videos(videos, expected)), "end_colour_drift": _nanmedian(colour_drift),
+    return {**_coherence(score_videos(videos, expected, th)), "end_colour_drift": _nanmedian(colour_drift),
             "end_area_drift": _nanmedian(area_drift)}

@@ -185,7 +185,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 class SpatialAttention(_Attention):
     """Self-attention among the N tokens of each frame: (B, F, N, D) seen as (B*F, N, D)."""
 
-    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops, frame_local: bool = False) -> torch.Tensor:
         B, Fr, N, D = x.shape
         H = self.num_heads
         qkv = self.qkv(x).view(B * Fr, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (3, B*F, H, N, Dh)
@@ -197,7 +197,9 @@ class JointAttention(SpatialAttention):
     """Self-attention among all F*N tokens of a clip: spatial attention over the clip seen as
     one frame, (B, F, N, D) as (B, 1, F*N, D)."""
 
-    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops, frame_local: bool = False) -> torch.Tensor:
+        if frame_local:  # within each frame only: spatial attention
+            return super().forward(x, ops)
         B, Fr, N, D = x.shape
         return super().forward(x.reshape(B, 1, Fr * N, D), ops).view(B, Fr, N, D)
 
@@ -206,9 +208,11 @@ class TemporalAttention(_Attention):
     """Self-attention along F for every (b, token, head). The fused op reads q, k, v in place
     from the (B, F, N, 3, H, Dh) projection and writes (B, F, N, H, Dh): no transposes."""
 
-    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops, frame_local: bool = False) -> torch.Tensor:
         B, Fr, N, D = x.shape
         H = self.num_heads
+        if frame_local:  # each frame attends only to itself: the output is its own value
+            return self.proj(F.linear(x, self.qkv.weight[2 * D:], self.qkv.bias[2 * D:]))
         q, k, v = self.qkv(x).view(B, Fr, N, 3, H, D // H).unbind(3)  # each (B, F, N, H, Dh), strided
         out = ops.temporal_attention(q, k, v)  # (B, F, N, H, Dh) contiguous
         return self.proj(out.view(B, Fr, N, D))
@@ -243,12 +247,12 @@ class LatteBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, ops) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ops, frame_local: bool = False) -> torch.Tensor:
         # Six (B, F, D) vectors per frame; cast to the residual stream's dtype because the
         # fused ops take one dtype (under autocast the Linear gives bf16, x stays float32).
         mods = self.adaLN_modulation(c).to(x.dtype).chunk(6, dim=-1)
         shift1, scale1, gate1, shift2, scale2, gate2 = mods
-        h = self.attn(ops.adaln_modulate(x, shift1, scale1), ops)
+        h = self.attn(ops.adaln_modulate(x, shift1, scale1), ops, frame_local)
         x = ops.gated_residual(x, h.to(x.dtype), gate1)
         h = self.mlp(ops.adaln_modulate(x, shift2, scale2))
         return ops.gated_residual(x, h.to(x.dtype), gate2)
@@ -376,10 +380,12 @@ class Latte(nn.Module):
         return c
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                x_self: torch.Tensor | None = None) -> torch.Tensor:
+                x_self: torch.Tensor | None = None, *, frame_local: bool = False) -> torch.Tensor:
         """x (B, F, C, H, W) noisy frames, t (B, F) or (B,) model times, y (B,) labels,
         x_self: the earlier clean estimate (shape of x) for a self-conditioning model (None:
-        zeros). Returns (B, F, C_out, H, W)."""
+        zeros). frame_local: every frame sees only itself (temporal attention maps become the
+        identity, joint blocks attend within the frame): the weak model of spatiotemporal skip
+        guidance (diffusion.guidance). Returns (B, F, C_out, H, W)."""
         cfg = self.config
         if x.dim() != 5 or x.shape[2] != cfg.in_channels or x.shape[3:] != (cfg.input_size, cfg.input_size):
             raise ValueError(
@@ -406,9 +412,9 @@ class Latte(nn.Module):
             if i == self.temp_embed_at:
                 h = h + self.temp_embed[:, :Fr].to(h.dtype)
             if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, self.ops, use_reentrant=False)
+                h = checkpoint(block, h, c, self.ops, frame_local, use_reentrant=False)
             else:
-                h = block(h, c, self.ops)
+                h = block(h, c, self.ops, frame_local)
         h = self.unpatchify(self.final_layer(h, c, self.ops))  # (B, F, C, H, W)
         return h if self.conv_head is None else self.conv_head(h)  # (B, F, C_out, H, W)
 
