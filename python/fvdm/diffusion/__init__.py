@@ -49,6 +49,7 @@ from fvdm.diffusion.tasks import (
 
 __all__ = [
     "classifier_free_guidance",
+    "skip_guidance",
     "LossOutput",
     "diffusion_loss",
     "noised_input",
