@@ -328,7 +328,7 @@ class GeneratedClips(ClipSource):
         return {"source": str(Path(self.loaded.checkpoint).resolve()), "kind": "generated", "step": self.loaded.step,
                 "clips": self.num_clips, "frames": self.num_frames, "model_frames": self.window,
                 "subsample_factor": 1, "start": "first frame", "task": "unconditional",
-                "weights": "EMA where the checkpoint has them (fvdm sample's default)",
+                "weights": "EMA" if self.loaded.ema else "raw",
                 "method": sc.method or "ddim (euler for flow)", "steps": sc.steps, "eta": sc.eta,
                 "noise_scale": sc.noise_scale, "guidance_scale": sc.guidance_scale,
                 "stg_scale": sc.stg_scale,
