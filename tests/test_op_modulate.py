@@ -85,6 +85,28 @@ def test_adaln_wide_rows_and_single_frame():
     torch.testing.assert_close(y, adaln_modulate_ref(x, shift, scale), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["offset", "outliers_first"])
+def test_adaln_statistics_on_offset_and_outlier_rows(dtype, kind):
+    # The fp32/bf16 kernel takes the variance from one pass of sums shifted by the mean of the
+    # row's first 16 values: rows far from zero (an unshifted E[x^2] - mean^2 loses all digits
+    # here) and rows whose first 16 values are outliers (the worst shift) must stay accurate.
+    x = rand((1, 2, 9, 1152), torch.float64, 5)
+    if kind == "offset":
+        x = x + 1000.0
+    else:
+        x = 0.1 * x
+        x[..., :16] = 50.0
+    shift = rand((1, 2, 1152), torch.float64, 6)
+    scale = rand((1, 2, 1152), torch.float64, 7) * 0.5
+    x, shift, scale = x.to(dtype), shift.to(dtype), scale.to(dtype)
+    exact = adaln_modulate_ref(x.double(), shift.double(), scale.double())
+    x_abs, rstd, scale1 = _row_conditioning(x, scale)
+    cond = torch.finfo(dtype).eps * float((x_abs * rstd * scale1).max())
+    assert_matches_reference(adaln_modulate(x, shift, scale), adaln_modulate_ref(x, shift, scale), exact,
+                             conditioning_slack=cond)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("D", [1152, 1000])  # rows of whole 64-byte lines, and rows that are not
 def test_large_outputs_use_streaming_stores_correctly(dtype, D):
