@@ -113,12 +113,11 @@ void combine_fwd_impl(const FrameCombineFwdParams& p) {
           in[k] = static_cast<const scalar_t*>(p.inputs[k]);
           ck[k] = _mm512_set1_ps(c[k]);
         }
-        for (; i0 < seg_end; i0 += 16) {
-          const __mmask16 m = first_lanes(seg_end - i0);
-          __m512 v = _mm512_mul_ps(ck[0], load_bf16(in[0] + i0, m));
-          for (int64_t k = 1; k < K; ++k) v = _mm512_fmadd_ps(ck[k], load_bf16(in[k] + i0, m), v);
-          store_bf16(out + i0, v, m);
-        }
+        for_lanes(seg_end - i0, [&](int64_t i, auto m) {
+          __m512 v = _mm512_mul_ps(ck[0], load16(in[0] + i0 + i, m));
+          for (int64_t k = 1; k < K; ++k) v = _mm512_fmadd_ps(ck[k], load16(in[k] + i0 + i, m), v);
+          store16(out + i0 + i, v, m);
+        });
         i0 = seg_end;
         continue;
       }

@@ -48,17 +48,14 @@ struct FrameTables {
 };
 
 #if defined(FVDM_BF16_VECTORS)
-// 16 values of a row in registers as floats (fp32, or bf16 widened), and back.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const c10::BFloat16* p, __mmask16 m = __mmask16(0xFFFF)) { return load_bf16(p, m); }
-inline void store16(float* p, __m512 v, bool stream) {
-  if (stream) _mm512_stream_ps(p, v);
-  else _mm512_storeu_ps(p, v);
+// A whole vector of an output row: streamed (fp32 only, 64-byte aligned) or stored.
+template <typename T>
+inline void put16(T* p, __m512 v, bool stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream) return _mm512_stream_ps(p, v);
+  }
+  store16(p, v, Full{});
 }
-inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store16(c10::BFloat16* p, __m512 v, bool) { store_bf16(p, v, __mmask16(0xFFFF)); }
-inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) { store_bf16(p, v, m); }
 
 // The forward for R rows of one frame at a time (R <= 4), fp32 or bf16, all in registers.
 // Statistics come from one pass of shifted sums: with k the mean of the row's first 16 values,
@@ -84,7 +81,7 @@ inline void adaln_rows(const T* x, const float* sh, const float* sc1, T* y, floa
     s2[r] = _mm512_fmadd_ps(v, v, s2[r]);
   };
   for (int64_t d = 0; d < body; d += 16)
-    for (int r = 0; r < R; ++r) accumulate(r, _mm512_sub_ps(load16(x + r * D + d), k[r]));
+    for (int r = 0; r < R; ++r) accumulate(r, _mm512_sub_ps(load16(x + r * D + d, Full{}), k[r]));
   if (tail)
     for (int r = 0; r < R; ++r) accumulate(r, _mm512_maskz_sub_ps(tail, load16(x + r * D + body, tail), k[r]));
   for (int r = 0; r < R; ++r) {
@@ -105,7 +102,7 @@ inline void adaln_rows(const T* x, const float* sh, const float* sc1, T* y, floa
     for (const int64_t stop = std::min(next_lines, line + lines_per_step); line < stop; ++line)
       _mm_prefetch(next + 64 * line, _MM_HINT_T0);
     for (int r = 0; r < R; ++r)
-      store16(y + r * D + d, _mm512_fmadd_ps(_mm512_fmadd_ps(load16(x + r * D + d), mr[r], nm[r]), a, b), stream);
+      put16(y + r * D + d, _mm512_fmadd_ps(_mm512_fmadd_ps(load16(x + r * D + d, Full{}), mr[r], nm[r]), a, b), stream);
   }
   if (tail) {
     const __m512 a = _mm512_maskz_loadu_ps(tail, sc1 + body), b = _mm512_maskz_loadu_ps(tail, sh + body);
@@ -261,11 +258,10 @@ void gated_fwd_impl(const GatedResidualFwdParams& p) {
         const scalar_t* xr = x + row * D;
         const scalar_t* hr = h + row * D;
         scalar_t* o = out + row * D;
-        for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 m = first_lanes(D - d);
-          const __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, t.a.data() + d), load_bf16(hr + d, m), load_bf16(xr + d, m));
-          store_bf16(o + d, v, m);
-        }
+        const float* g = t.a.data();
+        for_lanes(D, [&](int64_t d, auto m) {
+          store16(o + d, _mm512_fmadd_ps(load16(g + d, m), load16(hr + d, m), load16(xr + d, m)), m);
+        });
         continue;
       }
 #endif
@@ -311,12 +307,11 @@ void gated_bwd_impl(const GatedResidualBwdParams& p) {
       const int64_t row = bf * N + n;
 #if defined(FVDM_BF16_VECTORS)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // straight from bf16, no row buffers
-        for (int64_t d = 0; d < D; d += 16) {
-          const __mmask16 m = first_lanes(D - d);
-          const __m512 gv = load_bf16(go + row * D + d, m);
-          store_bf16(dh + row * D + d, _mm512_mul_ps(gv, _mm512_maskz_loadu_ps(m, g + d)), m);
-          _mm512_mask_storeu_ps(dg + d, m, _mm512_fmadd_ps(gv, load_bf16(h + row * D + d, m), _mm512_maskz_loadu_ps(m, dg + d)));
-        }
+        for_lanes(D, [&](int64_t d, auto m) {
+          const __m512 gv = load16(go + row * D + d, m);
+          store16(dh + row * D + d, _mm512_mul_ps(gv, load16(g + d, m)), m);
+          store16(dg + d, _mm512_fmadd_ps(gv, load16(h + row * D + d, m), load16(dg + d, m)), m);
+        });
         continue;
       }
 #endif
