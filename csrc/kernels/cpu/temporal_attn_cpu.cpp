@@ -85,13 +85,56 @@ inline void exp_inplace(double* x, int64_t n) {
   for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j]);
 }
 
+// Software prefetch of the next token's rows, one cache line at a time, issued from inside the
+// GEMMs' k loops (one line a step) so that the requests trickle out while the current token
+// computes. The F frames of a token are F places in memory a frame apart, too short for the
+// hardware prefetcher to run ahead of, so without it every gather starts with cache misses.
+// Into L1 (prefetcht0; into L2 was 3-9% slower). Before, a head's rows were prefetched in one
+// burst per phase (80 prefetches at Latte-XL), which on a Zen 5 EPYC measured the same as no
+// prefetch at all; this way the fp32 forward at Latte-XL runs 2.35-2.76x the eager reference
+// instead of 2.00-2.55x (`bench kernels`, alternated), and each call timed right after a
+// reference call took 0.63x (S) and 0.68x (XL) the time.
+class LinePrefetcher {
+ public:
+  void clear() {
+    runs_.clear();
+    i_ = 0;
+    line_ = 0;
+  }
+  void add(const void* p, int64_t bytes) {  // every line of [p, p + bytes)
+    const auto a = reinterpret_cast<uintptr_t>(p), first = a & ~uintptr_t(63);
+    runs_.push_back({reinterpret_cast<const char*>(first), static_cast<int64_t>((a + bytes - first + 63) / 64)});
+  }
+  void one() {  // the next line, if any is left
+    if (i_ == runs_.size()) return;
+    __builtin_prefetch(runs_[i_].first + 64 * line_, 0, 3);
+    if (++line_ == runs_[i_].lines) {
+      line_ = 0;
+      ++i_;
+    }
+  }
+  void rest() {
+    while (i_ < runs_.size()) one();
+  }
+
+ private:
+  struct Run {
+    const char* first;
+    int64_t lines;
+  };
+  std::vector<Run> runs_;
+  size_t i_ = 0;
+  int64_t line_ = 0;
+};
+
 // C[R x W] (columns c0 .. c0 + W) = A[R x K] * B[K x ...]; the R x W accumulators live in
 // registers across the whole K loop.
 template <int R, int W, typename T>
 inline void gemm_block(const T* __restrict__ A, int64_t lda, const T* __restrict__ B, int64_t ldb, T* __restrict__ C,
-                       int64_t ldc, int64_t K, int64_t c0) {
+                       int64_t ldc, int64_t K, int64_t c0, LinePrefetcher* pf) {
   T acc[R][W] = {};
   for (int64_t k = 0; k < K; ++k) {
+    if (pf != nullptr) pf->one();
     const T* __restrict__ b = B + k * ldb + c0;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -111,24 +154,26 @@ inline void gemm_block(const T* __restrict__ A, int64_t lda, const T* __restrict
 // padded full one.
 template <int R, typename T>
 inline void gemm_rows(const T* __restrict__ A, int64_t lda, const T* __restrict__ B, int64_t ldb, T* __restrict__ C,
-                      int64_t ldc, int64_t K, int64_t Np) {
+                      int64_t ldc, int64_t K, int64_t Np, LinePrefetcher* pf) {
   int64_t c0 = 0;
-  for (; c0 + kLanes <= Np; c0 += kLanes) gemm_block<R, kLanes>(A, lda, B, ldb, C, ldc, K, c0);
-  if (c0 < Np) gemm_block<R, kLanes / 2>(A, lda, B, ldb, C, ldc, K, c0);
+  for (; c0 + kLanes <= Np; c0 += kLanes) gemm_block<R, kLanes>(A, lda, B, ldb, C, ldc, K, c0, pf);
+  if (c0 < Np) gemm_block<R, kLanes / 2>(A, lda, B, ldb, C, ldc, K, c0, pf);
 }
 
 // C[M x Np] = A[M x K] * B[K x Np], Np a multiple of kLanes / 2. Eight rows at a time: eight
 // independent FMA chains keep both 512-bit FMA pipes of a Zen 5 core busy, where four were
 // enough at half width (temporal attention fp32 fwd+bwd 4-10% faster than four rows there).
+// pf (if any) is stepped once per k of every block.
 template <typename T>
-void gemm(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M, int64_t K, int64_t Np) {
+void gemm(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M, int64_t K, int64_t Np,
+          LinePrefetcher* pf) {
   int64_t m = 0;
-  for (; m + 8 <= M; m += 8) gemm_rows<8>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, Np);
-  for (; m + 4 <= M; m += 4) gemm_rows<4>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, Np);
+  for (; m + 8 <= M; m += 8) gemm_rows<8>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, Np, pf);
+  for (; m + 4 <= M; m += 4) gemm_rows<4>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, Np, pf);
   switch (M - m) {
-    case 3: gemm_rows<3>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, Np); break;
-    case 2: gemm_rows<2>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, Np); break;
-    case 1: gemm_rows<1>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, Np); break;
+    case 3: gemm_rows<3>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, Np, pf); break;
+    case 2: gemm_rows<2>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, Np, pf); break;
+    case 1: gemm_rows<1>(A + m * lda, lda, B, ldb, C + m * ldc, ldc, K, Np, pf); break;
     default: break;
   }
 }
@@ -202,20 +247,14 @@ struct Strided {
   }
 };
 
-// Software prefetch of the rows the next token will gather: the F frames of a token are F
-// separate places in memory, too far apart and too short for the hardware prefetcher to run
-// ahead of, so without this every gather starts with cache misses.
-// Issued one head at a time, spread over the current token's compute, so the requests do not
-// all queue up at once. Into L2 only (locality 1, prefetcht2): a token's rows (221 KB at XL)
-// do not fit in L1, and pulling them there evicted the compute's own buffers; measured on the
-// 2-core EPYC, fp32 forward: S 4.97 -> 3.77 ms, XL 6.95 -> 6.15 ms (prefetcht1: 4.0 / 6.3).
+// Queue every row of one token (b, n) of src: per frame, all heads in one run when they are
+// adjacent.
 template <typename scalar_t>
-inline void prefetch_head(const Strided<scalar_t>& src, int64_t b, int64_t n, int64_t h, int64_t F, int64_t Dh) {
-  const int64_t bytes = Dh * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t f = 0; f < F; ++f) {
-    const char* row = reinterpret_cast<const char*>(src.row(b, f, n, h));
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(row + off, 0, 1);
-  }
+void add_token_rows(LinePrefetcher& pf, const Strided<scalar_t>& src, int64_t b, int64_t f, int64_t n, int64_t H,
+                    int64_t Dh) {
+  const auto row_bytes = Dh * static_cast<int64_t>(sizeof(scalar_t));
+  if (src.st.h == Dh) return pf.add(src.row(b, f, n, 0), H * row_bytes);
+  for (int64_t h = 0; h < H; ++h) pf.add(src.row(b, f, n, h), row_bytes);
 }
 
 // allow[i * Fp + j] = 1 where query i may attend key j (causal: j <= i; key_mask[b, j]), else
@@ -418,7 +457,7 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
   const int64_t q_sz = F * Dh, v_sz = F * Dhp;
   const int64_t HG = heads_per_group(H, 2 * q_sz + v_sz);
   // fp32/fp64 (no conversion): k^T is transposed straight from the F source rows, which the
-  // prefetch has brought to L2, instead of from a gathered copy (S fwd -6%, XL -2-4%), and
+  // prefetch has brought into cache, instead of from a gathered copy (S fwd -6%, XL -2-4%), and
   // O = P V is written straight into the output stage. q and v are still gathered: the GEMMs
   // reading their rows in place (F rows a frame stride apart) were slower (XL fwd +5-15%).
   constexpr bool kNoConversion = !kNeedsConversion<scalar_t>;
@@ -428,8 +467,12 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
     TokenOut<scalar_t> tok(F, N, H, Dh);
     std::vector<char> any(F);
     opmath_t* allow_tp = Fp == kLanes ? allow_t() : nullptr;  // softmax_block16
+    LinePrefetcher pf;
     for_each_token(p, begin, end, Fp, allow(), allow_tp, any, [&](int64_t b, int64_t n, bool prefetch, int64_t b1, int64_t n1) {
       const int64_t token = b * N + n;
+      pf.clear();
+      for (int64_t f = 0; prefetch && f < F; ++f)
+        for (const auto* src : {&Q, &K, &V}) add_token_rows(pf, *src, b1, f, n1, H, Dh);
       for (int64_t h0 = 0; h0 < H; h0 += HG) {
         const int64_t hn = std::min(HG, H - h0);
         for (int64_t f = 0; f < F; ++f)  // frame-major, heads innermost: sequential reads
@@ -445,24 +488,21 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
           }
         for (int64_t g = 0; g < hn; ++g) {
           const int64_t h = h0 + g;
-          // the next token's rows, one tensor per phase of this head's work
-          if (prefetch) prefetch_head(Q, b1, n1, h, F, Dh);
           if constexpr (kNoConversion)
             transpose(K.row(b, 0, n, h), K.st.f, kt(), Fp, F, Dh);
           else
             transpose(k() + g * q_sz, Dh, kt(), Fp, F, Dh);
-          if (prefetch) prefetch_head(K, b1, n1, h, F, Dh);
-          gemm(q() + g * q_sz, Dh, kt(), Fp, s(), Fp, F, Dh, Fp);                 // S = Q K^T
-          if (prefetch) prefetch_head(V, b1, n1, h, F, Dh);
+          gemm(q() + g * q_sz, Dh, kt(), Fp, s(), Fp, F, Dh, Fp, &pf);                 // S = Q K^T
           softmax_rows(s(), allow(), allow_tp, any, F, Fp, scale, lse + (token * H + h) * F);  // P, normalised
           if constexpr (kNoConversion) {  // O = P V, straight into the output stage
-            gemm(s(), Fp, v() + g * v_sz, Dhp, tok.row(0, h, Dh), tok.ld, F, F, pad8(Dh));
+            gemm(s(), Fp, v() + g * v_sz, Dhp, tok.row(0, h, Dh), tok.ld, F, F, pad8(Dh), &pf);
           } else {
-            gemm(s(), Fp, v() + g * v_sz, Dhp, o(), Dhp, F, F, pad8(Dh));         // O = P V
+            gemm(s(), Fp, v() + g * v_sz, Dhp, o(), Dhp, F, F, pad8(Dh), &pf);         // O = P V
             for (int64_t i = 0; i < F; ++i) from_opmath(o() + i * Dhp, tok.row(i, h, Dh), Dh);
           }
         }
       }
+      pf.rest();  // what the GEMMs' steps did not reach (few heads, short rows)
       tok.flush(out, b, n);
     });
     stream_fence();
@@ -496,8 +536,12 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
         s(F * Fp), dp(F * Fp), allow(F * Fp), t(F * F), res(F * Dhp), tmp(Dh), tmp2(Dh);
     TokenOut<scalar_t> tdq(F, N, H, Dh), tdk(F, N, H, Dh), tdv(F, N, H, Dh);
     std::vector<char> any(F);
+    LinePrefetcher pf;
     for_each_token(p, begin, end, Fp, allow(), static_cast<opmath_t*>(nullptr), any, [&](int64_t b, int64_t n, bool prefetch, int64_t b1, int64_t n1) {
       const int64_t token = b * N + n;
+      pf.clear();
+      for (int64_t f = 0; prefetch && f < F; ++f)
+        for (const auto* src : {&Q, &K, &V, &O, &dO}) add_token_rows(pf, *src, b1, f, n1, H, Dh);
       for (int64_t h0 = 0; h0 < H; h0 += HG) {
         const int64_t hn = std::min(HG, H - h0);
         for (int64_t f = 0; f < F; ++f)
@@ -519,17 +563,11 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
           }
         for (int64_t g = 0; g < hn; ++g) {
           const int64_t h = h0 + g;
-          // the next token's rows, one tensor per phase of this head's work
-          if (prefetch) prefetch_head(Q, b1, n1, h, F, Dh);
           const opmath_t* lse_seq = lse + (token * H + h) * F;
           transpose(k() + g * row_sz, Dhp, kt(), Fp, F, Dh);
-          if (prefetch) prefetch_head(K, b1, n1, h, F, Dh);
           transpose(v() + g * row_sz, Dhp, vt(), Fp, F, Dh);
-          if (prefetch) prefetch_head(V, b1, n1, h, F, Dh);
-          gemm(q() + g * row_sz, Dhp, kt(), Fp, s(), Fp, F, Dh, Fp);     // S = Q K^T
-          if (prefetch) prefetch_head(O, b1, n1, h, F, Dh);
-          gemm(dout() + g * row_sz, Dhp, vt(), Fp, dp(), Fp, F, Dh, Fp);  // dP = dO V^T
-          if (prefetch) prefetch_head(dO, b1, n1, h, F, Dh);
+          gemm(q() + g * row_sz, Dhp, kt(), Fp, s(), Fp, F, Dh, Fp, &pf);     // S = Q K^T
+          gemm(dout() + g * row_sz, Dhp, vt(), Fp, dp(), Fp, F, Dh, Fp, &pf);  // dP = dO V^T
           for (int64_t i = 0; i < F; ++i) {  // P from lse; dS = P (dP - D) * scale
             opmath_t* __restrict__ pr = s() + i * Fp;
             opmath_t* __restrict__ dr = dp() + i * Fp;
@@ -547,15 +585,16 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
             }
           }
           transpose(s(), Fp, t(), F, F, F);                                   // P^T
-          gemm(t(), F, dout() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp);      // dV = P^T dO
+          gemm(t(), F, dout() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp, &pf);      // dV = P^T dO
           for (int64_t j = 0; j < F; ++j) from_opmath(res() + j * Dhp, tdv.row(j, h, Dh), Dh);
           transpose(dp(), Fp, t(), F, F, F);                                  // dS^T
-          gemm(t(), F, q() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp);         // dK = dS^T Q
+          gemm(t(), F, q() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp, &pf);         // dK = dS^T Q
           for (int64_t j = 0; j < F; ++j) from_opmath(res() + j * Dhp, tdk.row(j, h, Dh), Dh);
-          gemm(dp(), Fp, k() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp);       // dQ = dS K
+          gemm(dp(), Fp, k() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp, &pf);       // dQ = dS K
           for (int64_t i = 0; i < F; ++i) from_opmath(res() + i * Dhp, tdq.row(i, h, Dh), Dh);
         }
       }
+      pf.rest();
       tdq.flush(dq_out, b, n);
       tdk.flush(dk_out, b, n);
       tdv.flush(dv_out, b, n);
