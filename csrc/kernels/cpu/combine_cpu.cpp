@@ -1,6 +1,6 @@
 // CPU kernels for the per-frame linear combination out = sum_k c[bf, k] * in_k.
 // Every input is read once and the output written once however many terms there are: fp32/fp64
-// straight from the inputs, bf16 through registers (FVDM_BF16_VECTORS), else in blocks of kBlock
+// straight from the inputs, bf16 through registers (FVDM_AVX512), else in blocks of kBlock
 // elements held in an op-math buffer.
 #include <algorithm>
 #include <array>
@@ -51,7 +51,7 @@ inline void with_k(int64_t K, const F& f) {
   }
 }
 
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512)
 // Large fp32 outputs: the same sum computed in registers and streamed out (stream_row).
 template <int K>
 inline void combine_stream(const FrameCombineFwdParams& p, const float* c, int64_t i0, int64_t len, float* o) {
@@ -61,10 +61,10 @@ inline void combine_stream(const FrameCombineFwdParams& p, const float* c, int64
     in[k] = static_cast<const float*>(p.inputs[k]) + i0;
     ck[k] = _mm512_set1_ps(c[k]);
   }
-  stream_row(o, len, [&](int64_t i, __mmask16 m) {
-    __m512 v = _mm512_mul_ps(ck[0], _mm512_maskz_loadu_ps(m, in[0] + i));
+  stream_row(o, len, [&](int64_t i, auto m) {
+    __m512 v = _mm512_mul_ps(ck[0], load16(in[0] + i, m));
 #pragma GCC unroll 8
-    for (int k = 1; k < K; ++k) v = _mm512_fmadd_ps(ck[k], _mm512_maskz_loadu_ps(m, in[k] + i), v);
+    for (int k = 1; k < K; ++k) v = _mm512_fmadd_ps(ck[k], load16(in[k] + i, m), v);
     return v;
   });
 }
@@ -90,7 +90,7 @@ void combine_fwd_impl(const FrameCombineFwdParams& p) {
           i0 = seg_end;
           continue;
         }
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512)
         if constexpr (std::is_same_v<scalar_t, float>) {
           with_k(K, [&](auto k) { combine_stream<decltype(k)::value>(p, c, i0, seg_end - i0, out + i0); });
           i0 = seg_end;
@@ -105,7 +105,7 @@ void combine_fwd_impl(const FrameCombineFwdParams& p) {
         i0 = seg_end;
         continue;
       }
-#if defined(FVDM_BF16_VECTORS)
+#if defined(FVDM_AVX512)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // straight from bf16, no buffers
         const scalar_t* in[kMaxCombineInputs];
         __m512 ck[kMaxCombineInputs];

@@ -46,13 +46,14 @@ inline void copy_row(const T* __restrict__ src, T* __restrict__ dst, int64_t n) 
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// bf16 and fp32 in registers, 16 values at a time, as floats. Elementwise kernels use these to
-// skip the op-math row buffers (converting each row into L1 buffers and back made bf16 rows cost
-// 1.6x fp32 ones in cache). A lane count is either Full (a row's whole vectors: plain loads and
-// stores) or a mask of the first lanes (its tail). With masked loads and stores throughout, a
+// With AVX-512 (F, BW, VL; FVDM_AVX512): fp32 and bf16 in registers, 16 values at a time, as
+// floats. Elementwise kernels use these to skip the op-math row buffers (converting each row
+// into L1 buffers and back made bf16 rows cost 1.6x fp32 ones in cache). A lane count is either
+// Full (a row's whole vectors: plain loads and stores) or a mask of the first lanes (its tail,
+// or a misaligned head). With masked loads and stores throughout, a
 // bf16 gated residual at Latte-XL ran at 0.7-0.8x the eager reference on a Zen 5 EPYC; with
 // plain ones for whole vectors 2.0-2.1x, and 2.0-3.2x with the one-instruction rounding below.
-#define FVDM_BF16_VECTORS 1
+#define FVDM_AVX512 1
 struct Full {};
 
 inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
@@ -88,6 +89,20 @@ inline void for_lanes(int64_t n, const F& f) {
   for (; i + 16 <= n; i += 16) f(i, Full{});
   if (i < n) f(i, first_lanes(n - i));
 }
+
+// dst[0, n) = f(d, lanes), 16 floats at a time (lanes as in for_lanes: Full, or the mask of
+// the lanes that exist): the 64-byte-aligned body with streaming stores straight from
+// registers, the head and tail with masked normal stores. Stream the result this way rather
+// than through an L1 row and stream_copy: a row's burst of streaming stores stalls the loads
+// behind it, and interleaved they overlap (an fp32 gated residual at Latte-XL, 2 threads, in a
+// standalone C++ probe: 0.95-1.07 ms this way, 1.48-1.91 ms through a row).
+template <typename F>
+inline void stream_row(float* dst, int64_t n, const F& f) {
+  int64_t d = std::min<int64_t>(n, static_cast<int64_t>((64 - (reinterpret_cast<uintptr_t>(dst) & 63)) & 63) / 4);
+  if (d > 0) _mm512_mask_storeu_ps(dst, first_lanes(d), f(int64_t(0), first_lanes(d)));
+  for (; d + 16 <= n; d += 16) _mm512_stream_ps(dst + d, f(d, Full{}));
+  if (d < n) _mm512_mask_storeu_ps(dst + d, first_lanes(n - d), f(d, first_lanes(n - d)));
+}
 #endif
 
 template <typename scalar_t>
@@ -115,7 +130,7 @@ inline void to_opmath(const scalar_t* __restrict__ src, at::opmath_type<scalar_t
 template <typename scalar_t>
 inline void from_opmath(const at::opmath_type<scalar_t>* __restrict__ src, scalar_t* __restrict__ dst, int64_t n) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-#if defined(FVDM_BF16_VECTORS)
+#if defined(FVDM_AVX512)
     for_lanes(n, [&](int64_t i, auto m) { store16(dst + i, load16(src + i, m), m); });
     return;
 #endif
@@ -165,21 +180,6 @@ inline void stream_copy(const void* src, void* dst, int64_t bytes) {
 #endif
 }
 
-#if defined(__AVX512F__)
-// dst[0, n) = f(d, m), 16 floats at a time (m: the lanes that exist): the 64-byte-aligned body
-// with streaming stores straight from registers, the head and tail with masked normal stores.
-// Stream the result this way rather than through an L1 row and stream_copy: a row's burst of
-// streaming stores stalls the loads behind it, and interleaved they overlap (an fp32 gated
-// residual at Latte-XL, 2 threads, in a standalone C++ probe: 0.95-1.07 ms this way, 1.48-1.91
-// ms through a row).
-template <typename F>
-inline void stream_row(float* dst, int64_t n, const F& f) {
-  int64_t d = std::min<int64_t>(n, static_cast<int64_t>((64 - (reinterpret_cast<uintptr_t>(dst) & 63)) & 63) / 4);
-  if (d > 0) _mm512_mask_storeu_ps(dst, first_lanes(d), f(int64_t(0), first_lanes(d)));
-  for (; d + 16 <= n; d += 16) _mm512_stream_ps(dst + d, f(d, __mmask16(0xFFFF)));
-  if (d < n) _mm512_mask_storeu_ps(dst + d, first_lanes(n - d), f(d, first_lanes(n - d)));
-}
-#endif
 
 // Streaming stores are weakly ordered: publish them before the work is handed back.
 inline void stream_fence() {

@@ -1,6 +1,6 @@
 // CPU kernels for per-frame adaLN modulation and the per-frame gated residual.
 // Rows of D are handled in op-math type: bf16/fp16 rows are converted into small L1 buffers in
-// bulk (convert.h), fp32/fp64 rows are used in place; where AVX-512 allows (FVDM_BF16_VECTORS)
+// bulk (convert.h), fp32/fp64 rows are used in place; where AVX-512 allows (FVDM_AVX512)
 // fp32 and bf16 go straight through registers instead (adaln_rows, the gated residual's bf16
 // loops). The forward reads x once and writes y once.
 #include <algorithm>
@@ -47,7 +47,7 @@ struct FrameTables {
   }
 };
 
-#if defined(FVDM_BF16_VECTORS)
+#if defined(FVDM_AVX512)
 // A whole vector of an output row: streamed (fp32 only, 64-byte aligned) or stored.
 template <typename T>
 inline void put16(T* p, __m512 v, bool stream) {
@@ -134,7 +134,7 @@ void adaln_fwd_impl(const AdalnFwdParams& p) {
         to_opmath(scale + t.frame * D, t.b.data(), D);
         for (auto& v : t.b) v += opmath_t(1);
       }
-#if defined(FVDM_BF16_VECTORS)
+#if defined(FVDM_AVX512)
       if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
         const int64_t left = std::min(end, t.end) - row;
         const int64_t rows = left >= 4 ? 4 : left >= 2 ? 2 : 1;
@@ -211,12 +211,12 @@ void adaln_bwd_impl(const AdalnBwdParams& p) {
         s2 += gg * xh;
       }
       const opmath_t c1 = s1 * inv_d, c2 = s2 * inv_d;
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512)
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (stream) {
           const __m512 rv = _mm512_set1_ps(rs), c1v = _mm512_set1_ps(c1), c2v = _mm512_set1_ps(c2);
-          stream_row(dx + row * D, D, [&](int64_t d, __mmask16 m) {
-            const __m512 t = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(m, xhat + d), c2v, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, gm + d), c1v));
+          stream_row(dx + row * D, D, [&](int64_t d, auto m) {
+            const __m512 t = _mm512_fnmadd_ps(load16(xhat + d, m), c2v, _mm512_sub_ps(load16(gm + d, m), c1v));
             return _mm512_mul_ps(rv, t);
           });
           continue;
@@ -253,7 +253,7 @@ void gated_fwd_impl(const GatedResidualFwdParams& p) {
       if (t.next(row, N)) {
         to_opmath(gate + t.frame * D, t.a.data(), D);
       }
-#if defined(FVDM_BF16_VECTORS)
+#if defined(FVDM_AVX512)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // straight from bf16, no row buffers
         const scalar_t* xr = x + row * D;
         const scalar_t* hr = h + row * D;
@@ -265,14 +265,14 @@ void gated_fwd_impl(const GatedResidualFwdParams& p) {
         continue;
       }
 #endif
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512)
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (stream) {
           const float* xr = x + row * D;
           const float* hr = h + row * D;
           const float* g = t.a.data();
-          stream_row(out + row * D, D, [&](int64_t d, __mmask16 m) {
-            return _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, g + d), _mm512_maskz_loadu_ps(m, hr + d), _mm512_maskz_loadu_ps(m, xr + d));
+          stream_row(out + row * D, D, [&](int64_t d, auto m) {
+            return _mm512_fmadd_ps(load16(g + d, m), load16(hr + d, m), load16(xr + d, m));
           });
           continue;
         }
@@ -305,7 +305,7 @@ void gated_bwd_impl(const GatedResidualBwdParams& p) {
     opmath_t* __restrict__ dg = acc;
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t row = bf * N + n;
-#if defined(FVDM_BF16_VECTORS)
+#if defined(FVDM_AVX512)
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // straight from bf16, no row buffers
         for_lanes(D, [&](int64_t d, auto m) {
           const __m512 gv = load16(go + row * D + d, m);
@@ -315,15 +315,15 @@ void gated_bwd_impl(const GatedResidualBwdParams& p) {
         continue;
       }
 #endif
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512)
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (stream) {
           const float* gr = go + row * D;
           const float* hr = h + row * D;
-          stream_row(dh + row * D, D, [&](int64_t d, __mmask16 m) {
-            const __m512 gv = _mm512_maskz_loadu_ps(m, gr + d);
-            _mm512_mask_storeu_ps(dg + d, m, _mm512_fmadd_ps(gv, _mm512_maskz_loadu_ps(m, hr + d), _mm512_maskz_loadu_ps(m, dg + d)));
-            return _mm512_mul_ps(gv, _mm512_maskz_loadu_ps(m, g + d));
+          stream_row(dh + row * D, D, [&](int64_t d, auto m) {
+            const __m512 gv = load16(gr + d, m);
+            store16(dg + d, _mm512_fmadd_ps(gv, load16(hr + d, m), load16(dg + d, m)), m);
+            return _mm512_mul_ps(gv, load16(g + d, m));
           });
           continue;
         }
