@@ -1,4 +1,4 @@
-"""bench.common.time_paired: variants timed in alternation, ratios paired per round."""
+"""bench.common: variants timed in alternation (ratios paired per round), the machine description."""
 
 from __future__ import annotations
 
@@ -32,3 +32,17 @@ def test_paired_ratio_holds_under_host_drift():
     assert set(ms) == {"a", "b"} and set(ratios) == {"b"}
     assert ratios["b"] == pytest.approx(2.0, rel=0.2)
     assert ms["b"] > ms["a"]
+
+
+def test_machine_info_names_the_cpu_flags_that_tell_hosts_apart():
+    from pathlib import Path
+
+    from fvdm.bench.common import _NOTABLE_CPU_FLAGS, machine_info
+
+    info = machine_info(torch.device("cpu"))
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        assert "cpu_flags" not in info
+        return
+    flags = next(line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
+    assert info["cpu_flags"] == [f for f in _NOTABLE_CPU_FLAGS if f in flags]

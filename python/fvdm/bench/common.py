@@ -113,10 +113,37 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU flags that tell hosts sold under one model name apart (a cloud "AMD EPYC" may be a Zen 4
+# or a Zen 5 part; avx512_vp2intersect is Zen 5's) and that the kernels use.
+_NOTABLE_CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_fp16",
+                      "avx512_vp2intersect", "amx_tile")
+
+
+def _cpu_details() -> dict:
+    """Notable CPU flags and the last-level cache size, where Linux tells them."""
+    details: dict = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                details["cpu_flags"] = [f for f in _NOTABLE_CPU_FLAGS if f in flags]
+                break
+    except OSError:
+        pass
+    try:
+        caches = sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"))
+        if caches:
+            details["llc"] = (caches[-1] / "size").read_text().strip()
+    except OSError:
+        pass
+    return details
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "device": device.type,
         "cpu": _cpu_model(),
+        **_cpu_details(),
         "cpu_threads": torch.get_num_threads(),
         "os_cpus": os.cpu_count(),
         "python": platform.python_version(),
