@@ -96,6 +96,10 @@ inline void exp_inplace(double* x, int64_t n) {
 // reference call took 0.63x (S) and 0.68x (XL) the time.
 class LinePrefetcher {
  public:
+  struct Span {  // consecutive lines of one run
+    const char* first = nullptr;
+    int64_t lines = 0;
+  };
   void clear() {
     runs_.clear();
     i_ = 0;
@@ -105,24 +109,26 @@ class LinePrefetcher {
     const auto a = reinterpret_cast<uintptr_t>(p), first = a & ~uintptr_t(63);
     runs_.push_back({reinterpret_cast<const char*>(first), static_cast<int64_t>((a + bytes - first + 63) / 64)});
   }
-  void one() {  // the next line, if any is left
-    if (i_ == runs_.size()) return;
-    __builtin_prefetch(runs_[i_].first + 64 * line_, 0, 3);
-    if (++line_ == runs_[i_].lines) {
+  // The next lines to prefetch, at most max_lines of them; the caller issues them (a GEMM one
+  // per k step, its loop then keeps the span in registers).
+  Span take(int64_t max_lines) {
+    if (i_ == runs_.size()) return {};
+    const Span& run = runs_[i_];
+    const Span span{run.first + 64 * line_, std::min(max_lines, run.lines - line_)};
+    line_ += span.lines;
+    if (line_ == run.lines) {
       line_ = 0;
       ++i_;
     }
+    return span;
   }
   void rest() {
-    while (i_ < runs_.size()) one();
+    for (Span s = take(INT64_MAX); s.lines > 0; s = take(INT64_MAX))
+      for (int64_t l = 0; l < s.lines; ++l) __builtin_prefetch(s.first + 64 * l, 0, 3);
   }
 
  private:
-  struct Run {
-    const char* first;
-    int64_t lines;
-  };
-  std::vector<Run> runs_;
+  std::vector<Span> runs_;
   size_t i_ = 0;
   int64_t line_ = 0;
 };
@@ -133,8 +139,9 @@ template <int R, int W, typename T>
 inline void gemm_block(const T* __restrict__ A, int64_t lda, const T* __restrict__ B, int64_t ldb, T* __restrict__ C,
                        int64_t ldc, int64_t K, int64_t c0, LinePrefetcher* pf) {
   T acc[R][W] = {};
+  const LinePrefetcher::Span next = pf != nullptr ? pf->take(K) : LinePrefetcher::Span{};
   for (int64_t k = 0; k < K; ++k) {
-    if (pf != nullptr) pf->one();
+    if (k < next.lines) __builtin_prefetch(next.first + 64 * k, 0, 3);
     const T* __restrict__ b = B + k * ldb + c0;
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -163,7 +170,7 @@ inline void gemm_rows(const T* __restrict__ A, int64_t lda, const T* __restrict_
 // C[M x Np] = A[M x K] * B[K x Np], Np a multiple of kLanes / 2. Eight rows at a time: eight
 // independent FMA chains keep both 512-bit FMA pipes of a Zen 5 core busy, where four were
 // enough at half width (temporal attention fp32 fwd+bwd 4-10% faster than four rows there).
-// pf (if any) is stepped once per k of every block.
+// pf (if any): every block prefetches up to K of its lines, one per k step.
 template <typename T>
 void gemm(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M, int64_t K, int64_t Np,
           LinePrefetcher* pf) {
