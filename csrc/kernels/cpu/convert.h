@@ -50,9 +50,9 @@ inline void copy_row(const T* __restrict__ src, T* __restrict__ dst, int64_t n) 
 // floats. Elementwise kernels use these to skip the op-math row buffers (converting each row
 // into L1 buffers and back made bf16 rows cost 1.6x fp32 ones in cache). A lane count is either
 // Full (a row's whole vectors: plain loads and stores) or a mask of the first lanes (its tail,
-// or a misaligned head). With masked loads and stores throughout, a
-// bf16 gated residual at Latte-XL ran at 0.7-0.8x the eager reference on a Zen 5 EPYC; with
-// plain ones for whole vectors 2.0-2.1x, and 2.0-3.2x with the one-instruction rounding below.
+// or a misaligned head). With masked loads and stores throughout, a bf16 gated residual at
+// Latte-XL ran at 0.7-0.8x the eager reference on a Zen 5 EPYC; with plain ones for whole
+// vectors 2.0-2.1x, and 2.0-3.2x with the one-instruction rounding below.
 #define FVDM_AVX512 1
 struct Full {};
 
@@ -132,8 +132,7 @@ inline void from_opmath(const at::opmath_type<scalar_t>* __restrict__ src, scala
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
 #if defined(FVDM_AVX512)
     for_lanes(n, [&](int64_t i, auto m) { store16(dst + i, load16(src + i, m), m); });
-    return;
-#endif
+#else
     const auto* s = reinterpret_cast<const uint32_t*>(src);
     auto* d = reinterpret_cast<uint16_t*>(dst);
 #pragma omp simd
@@ -143,6 +142,7 @@ inline void from_opmath(const at::opmath_type<scalar_t>* __restrict__ src, scala
       const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
       d[i] = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
     }
+#endif
   } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
     int64_t i = 0;
 #if defined(__AVX512F__)
@@ -159,7 +159,6 @@ inline void from_opmath(const at::opmath_type<scalar_t>* __restrict__ src, scala
     copy_row(src, dst, n);
   }
 }
-
 
 // dst[0, bytes) = src[0, bytes), the 64-byte-aligned body with streaming stores (the head
 // and tail around it with normal ones): for outputs written once and not read back soon, this
@@ -179,7 +178,6 @@ inline void stream_copy(const void* src, void* dst, int64_t bytes) {
   std::memcpy(dst, src, static_cast<size_t>(bytes));
 #endif
 }
-
 
 // Streaming stores are weakly ordered: publish them before the work is handed back.
 inline void stream_fence() {

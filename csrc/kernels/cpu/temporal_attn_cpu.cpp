@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -91,9 +92,9 @@ inline void exp_inplace(double* x, int64_t n) {
 // hardware prefetcher to run ahead of, so without it every gather starts with cache misses.
 // Into L1 (prefetcht0; into L2 was 3-9% slower). Before, a head's rows were prefetched in one
 // burst per phase (80 prefetches at Latte-XL), which on a Zen 5 EPYC measured the same as no
-// prefetch at all; this way the fp32 forward at Latte-XL runs 2.35-2.76x the eager reference
-// instead of 2.00-2.55x (`bench kernels`, alternated), and each call timed right after a
-// reference call took 0.63x (S) and 0.68x (XL) the time.
+// prefetch at all. Stepping this prefetcher once per k took the fp32 forward at Latte-XL from
+// 2.00-2.55x the eager reference to 2.35-2.76x (`bench kernels`, alternated); handing each GEMM
+// block a span it keeps in registers (take) then took it from 2.71-2.76 ms to 2.40-2.48 ms.
 class LinePrefetcher {
  public:
   struct Span {  // consecutive lines of one run
@@ -254,14 +255,21 @@ struct Strided {
   }
 };
 
-// Queue every row of one token (b, n) of src: per frame, all heads in one run when they are
-// adjacent.
+// Restarts pf with every row of token (b, n) of the given tensors (none when there is no next
+// token): frame by frame, each tensor's heads in one run when they are adjacent.
 template <typename scalar_t>
-void add_token_rows(LinePrefetcher& pf, const Strided<scalar_t>& src, int64_t b, int64_t f, int64_t n, int64_t H,
-                    int64_t Dh) {
+void queue_token(LinePrefetcher& pf, std::initializer_list<const Strided<scalar_t>*> tensors, bool any, int64_t b,
+                 int64_t n, int64_t F, int64_t H, int64_t Dh) {
+  pf.clear();
   const auto row_bytes = Dh * static_cast<int64_t>(sizeof(scalar_t));
-  if (src.st.h == Dh) return pf.add(src.row(b, f, n, 0), H * row_bytes);
-  for (int64_t h = 0; h < H; ++h) pf.add(src.row(b, f, n, h), row_bytes);
+  for (int64_t f = 0; any && f < F; ++f)
+    for (const auto* src : tensors) {
+      if (src->st.h == Dh) {
+        pf.add(src->row(b, f, n, 0), H * row_bytes);
+      } else {
+        for (int64_t h = 0; h < H; ++h) pf.add(src->row(b, f, n, h), row_bytes);
+      }
+    }
 }
 
 // allow[i * Fp + j] = 1 where query i may attend key j (causal: j <= i; key_mask[b, j]), else
@@ -477,9 +485,7 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
     LinePrefetcher pf;
     for_each_token(p, begin, end, Fp, allow(), allow_tp, any, [&](int64_t b, int64_t n, bool prefetch, int64_t b1, int64_t n1) {
       const int64_t token = b * N + n;
-      pf.clear();
-      for (int64_t f = 0; prefetch && f < F; ++f)
-        for (const auto* src : {&Q, &K, &V}) add_token_rows(pf, *src, b1, f, n1, H, Dh);
+      queue_token(pf, {&Q, &K, &V}, prefetch, b1, n1, F, H, Dh);
       for (int64_t h0 = 0; h0 < H; h0 += HG) {
         const int64_t hn = std::min(HG, H - h0);
         for (int64_t f = 0; f < F; ++f)  // frame-major, heads innermost: sequential reads
@@ -546,9 +552,7 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
     LinePrefetcher pf;
     for_each_token(p, begin, end, Fp, allow(), static_cast<opmath_t*>(nullptr), any, [&](int64_t b, int64_t n, bool prefetch, int64_t b1, int64_t n1) {
       const int64_t token = b * N + n;
-      pf.clear();
-      for (int64_t f = 0; prefetch && f < F; ++f)
-        for (const auto* src : {&Q, &K, &V, &O, &dO}) add_token_rows(pf, *src, b1, f, n1, H, Dh);
+      queue_token(pf, {&Q, &K, &V, &O, &dO}, prefetch, b1, n1, F, H, Dh);
       for (int64_t h0 = 0; h0 < H; h0 += HG) {
         const int64_t hn = std::min(HG, H - h0);
         for (int64_t f = 0; f < F; ++f)
