@@ -85,10 +85,10 @@ def test_adaln_wide_rows_and_single_frame():
     torch.testing.assert_close(y, adaln_modulate_ref(x, shift, scale), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["offset", "outliers_first"])
 def test_adaln_statistics_on_offset_and_outlier_rows(dtype, kind):
-    # The fp32/bf16 kernel takes the variance from one pass of sums shifted by the mean of the
+    # The fp32/bf16/fp16 kernel takes the variance from one pass of sums shifted by the mean of the
     # row's first 16 values: rows far from zero (an unshifted E[x^2] - mean^2 loses all digits
     # here) and rows whose first 16 values are outliers (the worst shift) must stay accurate.
     x = rand((1, 2, 9, 1152), torch.float64, 5)
@@ -174,20 +174,25 @@ def test_gated_residual_matches_reference(shape, dtype, seed):
 
 
 @pytest.mark.parametrize("D", [16, 37, 1152])  # whole 16-value vectors, a ragged tail, Latte-XL
-def test_gated_residual_bf16_rounds_once_to_nearest_even(D):
-    # For bf16 inputs gate * h is exact in fp32 (8 x 8 significant bits), so x + gate * h in fp32
-    # rounded once to bf16 is the one correct answer: the kernel must match it bit for bit,
-    # including ties (1 + 2^-8 -> 1, 1 + 3 * 2^-8 -> 1 + 2^-6), inf and NaN.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gated_residual_rounds_once_to_nearest_even(dtype, D):
+    # For bf16/fp16 inputs gate * h is exact in fp32 (at most 11 x 11 significant bits), so
+    # x + gate * h in fp32 rounded once to the storage type is the one correct answer: the kernel
+    # must match it bit for bit, including ties (1 + ulp/2 -> 1, 1 + 3 ulp/2 -> 1 + 2 ulp), inf
+    # and NaN, and for fp16 a subnormal result (bf16 may flush those, README).
     B, F, N = 2, 3, 5
-    x = (torch.randn(B, F, N, D, generator=torch.Generator().manual_seed(D)) * 4).bfloat16()
-    h = torch.randn(B, F, N, D, generator=torch.Generator().manual_seed(D + 1)).bfloat16()
-    gate = torch.randn(B, F, D, generator=torch.Generator().manual_seed(D + 2)).bfloat16()
-    x[0, 0, 0, :4] = torch.tensor([1.0, 1.0, float("inf"), float("nan")])
-    h[0, 0, 0, :4] = torch.tensor([2.0**-8, 3 * 2.0**-8, 1.0, 1.0])
-    gate[0, 0, :4] = 1.0
-    want = (x.float() + gate.float().unsqueeze(2) * h.float()).bfloat16()
+    ulp = torch.finfo(dtype).eps
+    x = (torch.randn(B, F, N, D, generator=torch.Generator().manual_seed(D)) * 4).to(dtype)
+    h = torch.randn(B, F, N, D, generator=torch.Generator().manual_seed(D + 1)).to(dtype)
+    gate = torch.randn(B, F, D, generator=torch.Generator().manual_seed(D + 2)).to(dtype)
+    x[0, 0, 0, :5] = torch.tensor([1.0, 1.0, float("inf"), float("nan"), 0.0])
+    h[0, 0, 0, :5] = torch.tensor([ulp / 2, 3 * ulp / 2, 1.0, 1.0, 2.0**-20])
+    gate[0, :, :5] = torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0**-4])
+    want = (x.float() + gate.float().unsqueeze(2) * h.float()).to(dtype)
     got = gated_residual(x, h, gate)
-    assert got[0, 0, 0, :2].tolist() == [1.0, 1.0 + 2.0**-6]
+    assert got[0, 0, 0, :2].tolist() == [1.0, 1.0 + 2 * ulp]
+    if dtype == torch.float16:
+        assert got[0, 0, 0, 4].item() == 2.0**-24  # the smallest fp16 subnormal
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got.nan_to_num(), want.nan_to_num())
 

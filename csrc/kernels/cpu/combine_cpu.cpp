@@ -1,6 +1,6 @@
 // CPU kernels for the per-frame linear combination out = sum_k c[bf, k] * in_k.
 // Every input is read once and the output written once however many terms there are: fp32/fp64
-// straight from the inputs, bf16 through registers (FVDM_AVX512), else in blocks of kBlock
+// straight from the inputs, bf16/fp16 through registers (FVDM_AVX512), else in blocks of kBlock
 // elements held in an op-math buffer.
 #include <algorithm>
 #include <array>
@@ -106,7 +106,7 @@ void combine_fwd_impl(const FrameCombineFwdParams& p) {
         continue;
       }
 #if defined(FVDM_AVX512)
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // straight from bf16, no buffers
+      if constexpr (kNeedsConversion<scalar_t>) {  // straight from bf16/fp16, no buffers
         const scalar_t* in[kMaxCombineInputs];
         __m512 ck[kMaxCombineInputs];
         for (int64_t k = 0; k < K; ++k) {
@@ -122,7 +122,7 @@ void combine_fwd_impl(const FrameCombineFwdParams& p) {
         continue;
       }
 #endif
-      // bf16/fp16: blocks converted in bulk into op-math buffers.
+      // bf16/fp16 without AVX-512: blocks converted in bulk into op-math buffers.
       for (; i0 < seg_end; i0 += kBlock) {
         const int64_t len = std::min(kBlock, seg_end - i0);
         {

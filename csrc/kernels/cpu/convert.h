@@ -1,7 +1,7 @@
 // Vectorizable conversions between storage types and the op-math type (float / double).
 // c10's scalar BFloat16/Half conversions do not auto-vectorize (rounding and NaN branches),
-// so rows are converted here in bulk: bf16 by integer bit operations the compiler vectorizes,
-// fp16 with the F16C / AVX-512 conversion instructions where available.
+// so rows are converted here in bulk: with AVX-512 16 values at a time in registers (load16 /
+// store16), else bf16 by integer bit operations the compiler vectorizes and fp16 with F16C.
 #pragma once
 #include <ATen/OpMathType.h>
 #include <c10/util/BFloat16.h>
@@ -46,8 +46,8 @@ inline void copy_row(const T* __restrict__ src, T* __restrict__ dst, int64_t n) 
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// With AVX-512 (F, BW, VL; FVDM_AVX512): fp32 and bf16 in registers, 16 values at a time, as
-// floats. Elementwise kernels use these to skip the op-math row buffers (converting each row
+// With AVX-512 (F, BW, VL; FVDM_AVX512): fp32, bf16 and fp16 in registers, 16 values at a time,
+// as floats. Elementwise kernels use these to skip the op-math row buffers (converting each row
 // into L1 buffers and back made bf16 rows cost 1.6x fp32 ones in cache). A lane count is either
 // Full (a row's whole vectors: plain loads and stores) or a mask of the first lanes (its tail,
 // or a misaligned head). With masked loads and stores throughout, a bf16 gated residual at
@@ -77,10 +77,16 @@ inline __m512 load16(const float* p, Full) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const c10::BFloat16* p, Full) { return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) { return widen_bf16(_mm256_maskz_loadu_epi16(m, p)); }
+inline __m512 load16(const c10::Half* p, Full) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load16(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
 inline void store16(float* p, __m512 v, Full) { _mm512_storeu_ps(p, v); }
 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
 inline void store16(c10::BFloat16* p, __m512 v, Full) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow_bf16(v)); }
 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, narrow_bf16(v)); }
+// fp16: round to nearest even, subnormals kept (as torch does).
+inline __m256i narrow_fp16(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline void store16(c10::Half* p, __m512 v, Full) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow_fp16(v)); }
+inline void store16(c10::Half* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, narrow_fp16(v)); }
 
 // f(i, lanes) for i = 0, 16, ... below n: Full for whole vectors, then the tail's mask.
 template <typename F>
@@ -105,58 +111,61 @@ inline void stream_row(float* dst, int64_t n, const F& f) {
 }
 #endif
 
+// A row between storage type and op-math type. With FVDM_AVX512 through load16/store16 (the
+// one rounding of every bf16/fp16 output of these kernels), else in portable loops.
 template <typename scalar_t>
 inline void to_opmath(const scalar_t* __restrict__ src, at::opmath_type<scalar_t>* __restrict__ dst, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    const auto* s = reinterpret_cast<const uint16_t*>(src);
-    auto* d = reinterpret_cast<uint32_t*>(dst);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
-  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16)
-      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
-#elif defined(__F16C__)
-    for (; i + 8 <= n; i += 8)
-      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-#endif
-    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-  } else {
+  if constexpr (!kNeedsConversion<scalar_t>) {
     copy_row(src, dst, n);
+  } else {
+#if defined(FVDM_AVX512)
+    for_lanes(n, [&](int64_t i, auto m) { store16(dst + i, load16(src + i, m), m); });
+#else
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      const auto* s = reinterpret_cast<const uint16_t*>(src);
+      auto* d = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+    } else {
+      int64_t i = 0;
+#if defined(__F16C__)
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+      for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+    }
+#endif
   }
 }
 
 template <typename scalar_t>
 inline void from_opmath(const at::opmath_type<scalar_t>* __restrict__ src, scalar_t* __restrict__ dst, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+  if constexpr (!kNeedsConversion<scalar_t>) {
+    copy_row(src, dst, n);
+  } else {
 #if defined(FVDM_AVX512)
     for_lanes(n, [&](int64_t i, auto m) { store16(dst + i, load16(src + i, m), m); });
 #else
-    const auto* s = reinterpret_cast<const uint32_t*>(src);
-    auto* d = reinterpret_cast<uint16_t*>(dst);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      const auto* s = reinterpret_cast<const uint32_t*>(src);
+      auto* d = reinterpret_cast<uint16_t*>(dst);
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t u = s[i];
-      const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
-      const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-      d[i] = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+      for (int64_t i = 0; i < n; ++i) {
+        const uint32_t u = s[i];
+        const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+        const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+        d[i] = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+      }
+    } else {
+      int64_t i = 0;
+#if defined(__F16C__)
+      for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+      for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
     }
 #endif
-  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                          _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#elif defined(__F16C__)
-    for (; i + 8 <= n; i += 8)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                       _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#endif
-    for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
-  } else {
-    copy_row(src, dst, n);
   }
 }
 

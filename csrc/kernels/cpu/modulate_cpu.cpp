@@ -1,8 +1,8 @@
 // CPU kernels for per-frame adaLN modulation and the per-frame gated residual.
 // Rows of D are handled in op-math type: bf16/fp16 rows are converted into small L1 buffers in
 // bulk (convert.h), fp32/fp64 rows are used in place; where AVX-512 allows (FVDM_AVX512)
-// fp32 and bf16 go straight through registers instead (adaln_rows, the gated residual's bf16
-// loops). The forward reads x once and writes y once.
+// fp32, bf16 and fp16 go straight through registers instead (adaln_rows, adaln_bwd_rows for
+// bf16/fp16, the gated residual's bf16/fp16 loops). The forward reads x once and writes y once.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -57,7 +57,7 @@ inline void put16(T* p, __m512 v, bool stream) {
   store16(p, v, Full{});
 }
 
-// The forward for R rows of one frame at a time (R <= 4), fp32 or bf16, all in registers.
+// The forward for R rows of one frame at a time (R <= 4), fp32, bf16 or fp16, all in registers.
 // Statistics come from one pass of shifted sums: with k the mean of the row's first 16 values,
 // var = E[(x-k)^2] - E[x-k]^2 loses at most D/16 ulps to cancellation (|mean - k|^2 <= var *
 // D/16), where a second pass would read the row again. The output is fma(fma(x, rstd,
@@ -135,7 +135,7 @@ void adaln_fwd_impl(const AdalnFwdParams& p) {
         for (auto& v : t.b) v += opmath_t(1);
       }
 #if defined(FVDM_AVX512)
-      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      if constexpr (!std::is_same_v<scalar_t, double>) {
         const int64_t left = std::min(end, t.end) - row;
         const int64_t rows = left >= 4 ? 4 : left >= 2 ? 2 : 1;
         const auto run = [&](auto r) {
@@ -168,16 +168,15 @@ void adaln_fwd_impl(const AdalnFwdParams& p) {
 }
 
 #if defined(FVDM_AVX512)
-// The bf16 backward for R rows of one frame (R <= 4) in registers. Pass 1 adds the rows into
+// The bf16/fp16 backward for R rows of one frame (R <= 4) in registers. Pass 1 adds the rows into
 // the frame's dshift / dscale sums and takes each row's sums of g' and g' xhat; pass 2 writes
 // dx, recomputing xhat and g' from the rows (still in L1), and prefetches the next
 // `prefetch_rows` rows of both inputs. Against the row loop through L1 conversion buffers,
 // forward+backward at Latte-XL took 0.63x the time (S 0.85x); for fp32, which that loop reads in
 // place, it was 1.10x (S) and 0.98x (XL), so fp32 keeps the loop.
-template <int R>
-inline void adaln_bwd_rows(const c10::BFloat16* gy, const c10::BFloat16* x, const float* sc1, const float* mean,
-                           const float* rstd, float* dsh, float* dsc, c10::BFloat16* dx, int64_t D,
-                           int64_t prefetch_rows) {
+template <int R, typename T>
+inline void adaln_bwd_rows(const T* gy, const T* x, const float* sc1, const float* mean, const float* rstd, float* dsh,
+                           float* dsc, T* dx, int64_t D, int64_t prefetch_rows) {
   __m512 rs[R], nm[R], s1[R], s2[R];
   for (int r = 0; r < R; ++r) {
     rs[r] = _mm512_set1_ps(rstd[r]);
@@ -206,7 +205,7 @@ inline void adaln_bwd_rows(const c10::BFloat16* gy, const c10::BFloat16* x, cons
     c2[r] = _mm512_set1_ps(_mm512_reduce_add_ps(s2[r]) * inv_d);
   }
   const char* next[2] = {reinterpret_cast<const char*>(x + R * D), reinterpret_cast<const char*>(gy + R * D)};
-  const int64_t next_lines = (prefetch_rows * D * static_cast<int64_t>(sizeof(c10::BFloat16)) + 63) / 64;
+  const int64_t next_lines = (prefetch_rows * D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
   const int64_t lines_per_step = (next_lines + D / 16 - 1) / std::max<int64_t>(1, D / 16);
   int64_t line = 0;
   for_lanes(D, [&](int64_t d, auto m) {
@@ -250,7 +249,7 @@ void adaln_bwd_impl(const AdalnBwdParams& p) {
     to_opmath(scale + bf * D, sc1, D);
     for (int64_t d = 0; d < D; ++d) sc1[d] += opmath_t(1);
 #if defined(FVDM_AVX512)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if constexpr (kNeedsConversion<scalar_t>) {
       for (int64_t n = n0; n < n1;) {
         const int64_t row = bf * N + n;
         const int64_t rows = n1 - n >= 4 ? 4 : n1 - n >= 2 ? 2 : 1;
@@ -328,7 +327,7 @@ void gated_fwd_impl(const GatedResidualFwdParams& p) {
         to_opmath(gate + t.frame * D, t.a.data(), D);
       }
 #if defined(FVDM_AVX512)
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // straight from bf16, no row buffers
+      if constexpr (kNeedsConversion<scalar_t>) {  // straight from bf16/fp16, no row buffers
         const scalar_t* xr = x + row * D;
         const scalar_t* hr = h + row * D;
         scalar_t* o = out + row * D;
@@ -380,7 +379,7 @@ void gated_bwd_impl(const GatedResidualBwdParams& p) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t row = bf * N + n;
 #if defined(FVDM_AVX512)
-      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // straight from bf16, no row buffers
+      if constexpr (kNeedsConversion<scalar_t>) {  // straight from bf16/fp16, no row buffers
         for_lanes(D, [&](int64_t d, auto m) {
           const __m512 gv = load16(go + row * D + d, m);
           store16(dh + row * D + d, _mm512_mul_ps(gv, load16(g + d, m)), m);
