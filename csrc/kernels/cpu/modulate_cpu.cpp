@@ -4,6 +4,7 @@
 // fp32, bf16 and fp16 go straight through registers instead (adaln_rows, adaln_bwd_rows for
 // bf16/fp16, the gated residual's bf16/fp16 loops). The forward reads x once and writes y once.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -57,6 +58,21 @@ inline void put16(T* p, __m512 v, bool stream) {
   store16(p, v, Full{});
 }
 
+// Prefetches into L1 the `bytes` from each of K addresses (the rows after the current block),
+// spread evenly over the `steps` calls of step() that a pass over the current block makes: the
+// next block's loads are in flight while this one is computed, without a burst that stalls it.
+template <int K>
+struct TrickleRows {
+  std::array<const void*, K> next;
+  int64_t lines, per_step, line = 0;
+  TrickleRows(std::array<const void*, K> next_rows, int64_t bytes, int64_t steps)
+      : next(next_rows), lines((bytes + 63) / 64), per_step((lines + steps - 1) / std::max<int64_t>(1, steps)) {}
+  void step() {
+    for (const int64_t stop = std::min(lines, line + per_step); line < stop; ++line)
+      for (int k = 0; k < K; ++k) _mm_prefetch(static_cast<const char*>(next[k]) + 64 * line, _MM_HINT_T0);
+  }
+};
+
 // The forward for R rows of one frame at a time (R <= 4), fp32, bf16 or fp16, all in registers.
 // Statistics come from one pass of shifted sums: with k the mean of the row's first 16 values,
 // var = E[(x-k)^2] - E[x-k]^2 loses at most D/16 ulps to cancellation (|mean - k|^2 <= var *
@@ -93,14 +109,10 @@ inline void adaln_rows(const T* x, const float* sh, const float* sc1, T* y, floa
     mr[r] = _mm512_set1_ps(rstd);
     nm[r] = _mm512_set1_ps(-mean * rstd);
   }
-  const char* next = reinterpret_cast<const char*>(x + R * D);
-  const int64_t next_lines = (prefetch_rows * D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-  const int64_t lines_per_step = (next_lines + body / 16 - 1) / std::max<int64_t>(1, body / 16);
-  int64_t line = 0;
+  TrickleRows<1> prefetch({x + R * D}, prefetch_rows * D * static_cast<int64_t>(sizeof(T)), body / 16);
   for (int64_t d = 0; d < body; d += 16) {
     const __m512 a = _mm512_loadu_ps(sc1 + d), b = _mm512_loadu_ps(sh + d);
-    for (const int64_t stop = std::min(next_lines, line + lines_per_step); line < stop; ++line)
-      _mm_prefetch(next + 64 * line, _MM_HINT_T0);
+    prefetch.step();
     for (int r = 0; r < R; ++r)
       put16(y + r * D + d, _mm512_fmadd_ps(_mm512_fmadd_ps(load16(x + r * D + d, Full{}), mr[r], nm[r]), a, b), stream);
   }
@@ -204,16 +216,10 @@ inline void adaln_bwd_rows(const T* gy, const T* x, const float* sc1, const floa
     c1[r] = _mm512_set1_ps(_mm512_reduce_add_ps(s1[r]) * inv_d);
     c2[r] = _mm512_set1_ps(_mm512_reduce_add_ps(s2[r]) * inv_d);
   }
-  const char* next[2] = {reinterpret_cast<const char*>(x + R * D), reinterpret_cast<const char*>(gy + R * D)};
-  const int64_t next_lines = (prefetch_rows * D * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-  const int64_t lines_per_step = (next_lines + D / 16 - 1) / std::max<int64_t>(1, D / 16);
-  int64_t line = 0;
+  TrickleRows<2> prefetch({x + R * D, gy + R * D}, prefetch_rows * D * static_cast<int64_t>(sizeof(T)), D / 16);
   for_lanes(D, [&](int64_t d, auto m) {
     const __m512 c = load16(sc1 + d, m);
-    for (const int64_t stop = std::min(next_lines, line + lines_per_step); line < stop; ++line) {
-      _mm_prefetch(next[0] + 64 * line, _MM_HINT_T0);
-      _mm_prefetch(next[1] + 64 * line, _MM_HINT_T0);
-    }
+    prefetch.step();
     for (int r = 0; r < R; ++r) {  // dx = rstd (g' - mean(g') - xhat mean(g' xhat))
       const __m512 xh = _mm512_fmadd_ps(load16(x + r * D + d, m), rs[r], nm[r]);
       const __m512 gg = _mm512_mul_ps(load16(gy + r * D + d, m), c);
