@@ -111,63 +111,66 @@ inline void stream_row(float* dst, int64_t n, const F& f) {
 }
 #endif
 
-// A row between storage type and op-math type. With FVDM_AVX512 through load16/store16 (the
-// one rounding of every bf16/fp16 output of these kernels), else in portable loops.
-template <typename scalar_t>
-inline void to_opmath(const scalar_t* __restrict__ src, at::opmath_type<scalar_t>* __restrict__ dst, int64_t n) {
-  if constexpr (!kNeedsConversion<scalar_t>) {
+#if !defined(FVDM_AVX512)
+// Portable row conversions, one per direction and 16-bit type (the compiler vectorizes the bf16
+// bit operations; fp16 uses F16C where the build has it).
+inline void convert_portable(const c10::BFloat16* src, float* dst, int64_t n) {
+  const auto* s = reinterpret_cast<const uint16_t*>(src);
+  auto* d = reinterpret_cast<uint32_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+inline void convert_portable(const float* src, c10::BFloat16* dst, int64_t n) {
+  const auto* s = reinterpret_cast<const uint32_t*>(src);
+  auto* d = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = s[i];
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    d[i] = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+  }
+}
+inline void convert_portable(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+inline void convert_portable(const float* src, c10::Half* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+#endif
+
+// dst[0, n) = src[0, n) between a storage type and its op-math type, either way. With
+// FVDM_AVX512 through load16/store16 (the one rounding of every bf16/fp16 output of these
+// kernels), else convert_portable.
+template <typename S, typename T>
+inline void convert_row(const S* __restrict__ src, T* __restrict__ dst, int64_t n) {
+  if constexpr (std::is_same_v<S, T>) {
     copy_row(src, dst, n);
   } else {
 #if defined(FVDM_AVX512)
     for_lanes(n, [&](int64_t i, auto m) { store16(dst + i, load16(src + i, m), m); });
 #else
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      const auto* s = reinterpret_cast<const uint16_t*>(src);
-      auto* d = reinterpret_cast<uint32_t*>(dst);
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
-    } else {
-      int64_t i = 0;
-#if defined(__F16C__)
-      for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-#endif
-      for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-    }
+    convert_portable(src, dst, n);
 #endif
   }
 }
 
 template <typename scalar_t>
-inline void from_opmath(const at::opmath_type<scalar_t>* __restrict__ src, scalar_t* __restrict__ dst, int64_t n) {
-  if constexpr (!kNeedsConversion<scalar_t>) {
-    copy_row(src, dst, n);
-  } else {
-#if defined(FVDM_AVX512)
-    for_lanes(n, [&](int64_t i, auto m) { store16(dst + i, load16(src + i, m), m); });
-#else
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      const auto* s = reinterpret_cast<const uint32_t*>(src);
-      auto* d = reinterpret_cast<uint16_t*>(dst);
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        const uint32_t u = s[i];
-        const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
-        const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-        d[i] = static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
-      }
-    } else {
-      int64_t i = 0;
-#if defined(__F16C__)
-      for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#endif
-      for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
-    }
-#endif
-  }
-}
+inline void to_opmath(const scalar_t* src, at::opmath_type<scalar_t>* dst, int64_t n) { convert_row(src, dst, n); }
+
+template <typename scalar_t>
+inline void from_opmath(const at::opmath_type<scalar_t>* src, scalar_t* dst, int64_t n) { convert_row(src, dst, n); }
 
 // dst[0, bytes) = src[0, bytes), the 64-byte-aligned body with streaming stores (the head
 // and tail around it with normal ones): for outputs written once and not read back soon, this
