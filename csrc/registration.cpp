@@ -31,4 +31,9 @@ TORCH_LIBRARY(fvdm, m) {
   // Returns dq, dk, dv, contiguous (B,F,N,H,Dh).
   m.def("temporal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " Tensor? key_mask, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+  // The same with q, k, v packed in one (B,F,N,3,H,Dh) qkv buffer (the qkv projection's output):
+  // returns out (B,F,N,H,Dh) and lse; the backward returns dqkv (B,F,N,3,H,Dh).
+  m.def("temporal_attention_qkv(Tensor qkv, Tensor? key_mask, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def("temporal_attention_qkv_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor? key_mask,"
+        " bool causal, float scale) -> Tensor");
 }

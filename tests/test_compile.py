@@ -12,7 +12,8 @@ def block(x, shift, scale, gate, qkv, x0, noise, t, a, s, coeffs):
     B, F, N, D = h.shape
     q, k, v = qkv.unbind(3)
     attn = ops.temporal_attention(q, k, v, causal=True).reshape(B, F, N, D)
-    y = ops.gated_residual(x, attn + h, gate)
+    packed = ops.temporal_attention_qkv(qkv).reshape(B, F, N, D)
+    y = ops.gated_residual(x, attn + packed + h, gate)
     xt = ops.noise_inject(x0, noise, t, a, s)
     mixed = ops.frame_combine([xt, y], coeffs)
     return mixed.square().mean()

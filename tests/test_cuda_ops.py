@@ -20,7 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fvdm
-from fvdm.ops import adaln_modulate, frame_combine, gated_residual, noise_inject, temporal_attention
+from fvdm.ops import (
+    adaln_modulate,
+    frame_combine,
+    gated_residual,
+    noise_inject,
+    temporal_attention,
+    temporal_attention_qkv,
+)
 from fvdm.ops.reference import (
     adaln_modulate_ref,
     frame_combine_ref,
@@ -392,6 +399,20 @@ def test_temporal_attention_long_sequences_generic_path(dtype):
     # F > 128 goes to the generic kernels (up to 1024 frames).
     _check_attention(1, 200, 2, 1, 64, dtype, True, "random", "qkv", seed=3)
     _check_attention(1, 1024, 1, 1, 32, dtype, False, "none", "contiguous", seed=4, check_backward=dtype != torch.float32)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_temporal_attention_packed_qkv_matches_unbind(dtype):
+    # The packed entry on CUDA: the same kernels, one (B, F, N, 3, H, Dh) gradient.
+    B, F, N, H, Dh = 2, 16, 5, 3, 72
+    qkv = rand((B, F, N, 3, H, Dh), dtype, 7).requires_grad_()
+    mask = make_mask("random", B, F, 7)
+    go = rand((B, F, N, H, Dh), dtype, 8)
+    out = temporal_attention_qkv(qkv, causal=True, key_mask=mask)
+    (dqkv,) = torch.autograd.grad(out, qkv, go)
+    unbound = temporal_attention(*qkv.unbind(3), causal=True, key_mask=mask)
+    (d_unbound,) = torch.autograd.grad(unbound, qkv, go)
+    assert torch.equal(out, unbound) and torch.equal(dqkv, d_unbound) and dqkv.shape == qkv.shape
 
 
 def test_temporal_attention_fully_masked_rows_are_zero():

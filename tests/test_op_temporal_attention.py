@@ -8,8 +8,8 @@ from helpers import FLOAT_DTYPES, assert_matches_reference, rand
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fvdm.ops import temporal_attention
-from fvdm.ops.reference import temporal_attention_ref
+from fvdm.ops import temporal_attention, temporal_attention_qkv
+from fvdm.ops.reference import temporal_attention_qkv_ref, temporal_attention_ref
 
 
 def _qkv(B, F, N, H, Dh, dtype, seed, layout):
@@ -102,11 +102,42 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     assert not torch.allclose(temporal_attention(q, k, v), temporal_attention(q, k, v, scale=1.0))
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 2), F=st.integers(1, 20), N=st.integers(1, 3), H=st.integers(1, 3),
+    Dh=st.sampled_from([1, 8, 24, 72]), pad=st.sampled_from([0, 3]), dtype=st.sampled_from(FLOAT_DTYPES),
+    causal=st.booleans(), mask=st.sampled_from(["none", "random", "with_empty"]), seed=st.integers(0, 10_000),
+)
+def test_packed_qkv_matches_unbind_and_reference(B, F, N, H, Dh, pad, dtype, causal, mask, seed):
+    # The packed entry runs the same kernels as q, k, v = qkv.unbind(3): the same output and,
+    # written straight into one (B, F, N, 3, H, Dh) gradient, the same bits as autograd's stack
+    # of dq, dk, dv. pad > 0: a qkv buffer with padded rows (strided, last dim contiguous).
+    qkv = rand((B, F, N, 3, H, Dh + pad), dtype, seed)[..., :Dh].requires_grad_()
+    km = _mask(B, F, seed, mask)
+    kw = dict(causal=causal, key_mask=km)
+    go = rand((B, F, N, H, Dh), dtype, seed + 5)
+    out = temporal_attention_qkv(qkv, **kw)
+    assert out.is_contiguous() and out.shape == (B, F, N, H, Dh)
+    (dqkv,) = torch.autograd.grad(out, qkv, go)
+    assert dqkv.shape == qkv.shape
+    unbound = temporal_attention(*qkv.unbind(3), **kw)
+    (d_unbound,) = torch.autograd.grad(unbound, qkv, go)
+    assert torch.equal(out, unbound) and torch.equal(dqkv, d_unbound)
+    exact_qkv = qkv.detach().double().requires_grad_()
+    exact = temporal_attention_qkv_ref(exact_qkv, **kw)
+    (d_exact,) = torch.autograd.grad(exact, exact_qkv, go.double())
+    ref = temporal_attention_qkv_ref(qkv, **kw)
+    (d_ref,) = torch.autograd.grad(ref, qkv, go)
+    assert_matches_reference(out, ref, exact)
+    assert_matches_reference(dqkv, d_ref, d_exact, "dqkv")
+
+
 def test_gradcheck_fp64():
     qkv = torch.randn(2, 6, 2, 3, 2, 5, dtype=torch.float64, requires_grad=True)
     km = torch.tensor([[True, False, True, True, False, True], [False] * 6])
     for kw in ({}, {"causal": True}, {"key_mask": km}, {"causal": True, "key_mask": km}):
         assert torch.autograd.gradcheck(lambda x: temporal_attention(*x.unbind(3), **kw), (qkv,))
+        assert torch.autograd.gradcheck(lambda x: temporal_attention_qkv(x, **kw), (qkv,))
 
 
 def test_opcheck():
@@ -118,6 +149,12 @@ def test_opcheck():
         out, lse = torch.ops.fvdm.temporal_attention(q, k, v, km, True, 0.35)
         args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, km, True, 0.35)
         torch.library.opcheck(torch.ops.fvdm.temporal_attention_backward.default, args)
+        qkv = rand((2, 5, 3, 3, 2, 8), dtype, 1).requires_grad_()
+        for mask, causal in ((None, False), (km, True)):
+            torch.library.opcheck(torch.ops.fvdm.temporal_attention_qkv.default, (qkv, mask, causal, 0.35))
+        out, lse = torch.ops.fvdm.temporal_attention_qkv(qkv, km, True, 0.35)
+        args = (torch.randn_like(out), qkv.detach(), out.detach(), lse, km, True, 0.35)
+        torch.library.opcheck(torch.ops.fvdm.temporal_attention_qkv_backward.default, args)
 
 
 @pytest.mark.parametrize(
@@ -138,6 +175,17 @@ def test_bad_inputs_name_the_argument(make, match):
     q, k, v, m = make(q, k, v, m)
     with pytest.raises((ValueError, TypeError), match=match):
         temporal_attention(q, k, v, key_mask=m)
+
+
+@pytest.mark.parametrize(
+    "shape, match",
+    [((2, 4, 3, 2, 8), "qkv must have 6 dims"), ((2, 4, 3, 2, 2, 8), "q, k, v along dim 3, got shape")],
+)
+def test_packed_qkv_bad_shapes_name_the_argument(shape, match):
+    with pytest.raises(ValueError, match=match):
+        temporal_attention_qkv(torch.randn(shape))
+    with pytest.raises(TypeError, match="qkv must be float32"):
+        temporal_attention_qkv(torch.randn(2, 4, 3, 3, 2, 8).int())
 
 
 def test_non_contiguous_last_dim_and_bad_scale_are_rejected():

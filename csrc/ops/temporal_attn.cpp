@@ -85,12 +85,21 @@ std::tuple<at::Tensor, at::Tensor> temporal_attention(const at::Tensor& q, const
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_attention_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& key_mask, bool causal, double scale) {
+// The backward's checks and params, writing the gradients to dq, dk, dv (rows grad_row_stride
+// apart). Returns the contiguous inputs the params point into (keep them alive until the launch).
+struct BwdLaunch {
+  TemporalAttnBwdParams p;
+  at::Tensor go, oc, lc;
+  std::optional<at::Tensor> mask;
+};
+
+BwdLaunch bwd_launch(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_mask,
+                     bool causal, double scale) {
   check_qkv(q, k, v);
   check_scale(scale);
-  auto mask = check_mask(key_mask, q);
+  BwdLaunch l;
+  l.mask = check_mask(key_mask, q);
   for (auto [t, name] : {std::pair{&grad_out, "grad_out"}, std::pair{&out, "out"}}) {
     check_same_dtype(*t, q, name, "q");
     check_same_device(*t, q, name, "q");
@@ -101,28 +110,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_attention_backward(
   check_shape(lse, {q.size(0), q.size(2), q.size(3), q.size(1)}, "lse", "(B, N, H, F)");
   TORCH_CHECK_TYPE(lse.scalar_type() == at::toOpMathType(q.scalar_type()), "fvdm: lse must be ",
                    at::toOpMathType(q.scalar_type()), ", got ", lse.scalar_type());
-  auto go = grad_out.contiguous();
-  auto oc = out.contiguous();
-  auto lc = lse.contiguous();
+  l.go = grad_out.contiguous();
+  l.oc = out.contiguous();
+  l.lc = lse.contiguous();
+  l.p = TemporalAttnBwdParams{};
+  l.p.fwd = fwd_params(q, k, v, l.mask, causal, scale);
+  l.p.fwd.out = const_cast<void*>(l.oc.const_data_ptr());  // read-only in the backward
+  l.p.fwd.lse = const_cast<void*>(l.lc.const_data_ptr());
+  l.p.grad_out = l.go.const_data_ptr();
+  return l;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> temporal_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& key_mask, bool causal, double scale) {
+  auto l = bwd_launch(grad_out, q, k, v, out, lse, key_mask, causal, scale);
   auto dq = at::empty(q.sizes(), q.options());
   auto dk = at::empty(q.sizes(), q.options());
   auto dv = at::empty(q.sizes(), q.options());
   if (q.numel() == 0) return {dq, dk, dv};
-  TemporalAttnBwdParams p{};
-  p.fwd = fwd_params(q, k, v, mask, causal, scale);
-  p.fwd.out = const_cast<void*>(oc.const_data_ptr());  // read-only in the backward
-  p.fwd.lse = const_cast<void*>(lc.const_data_ptr());
-  p.grad_out = go.const_data_ptr();
-  p.dq = dq.mutable_data_ptr();
-  p.dk = dk.mutable_data_ptr();
-  p.dv = dv.mutable_data_ptr();
-  FVDM_LAUNCH(temporal_attn_bwd, p, q);
+  l.p.dq = dq.mutable_data_ptr();
+  l.p.dk = dk.mutable_data_ptr();
+  l.p.dv = dv.mutable_data_ptr();
+  l.p.grad_row_stride = q.size(3) * q.size(4);
+  FVDM_LAUNCH(temporal_attn_bwd, l.p, q);
   return {dq, dk, dv};
+}
+
+// The packed entry: q, k, v are qkv[:, :, :, 0..2] of one (B, F, N, 3, H, Dh) buffer (the qkv
+// projection's output, viewed) and the backward returns one gradient of that shape. Through
+// q, k, v = qkv.unbind(3) the same math costs a copy of all three gradients in autograd's
+// unbind backward (a stack, 13% of the fused forward+backward at Latte-XL on the CPU).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack_qkv(const at::Tensor& qkv) {
+  check_supported_device(qkv, "qkv");
+  check_float(qkv, "qkv");
+  check_dim(qkv, 6, "qkv", "(B, F, N, 3, H, Dh)");
+  TORCH_CHECK_VALUE(qkv.size(3) == 3, "fvdm: qkv must be (B, F, N, 3, H, Dh) with q, k, v along dim 3, got shape ",
+                    shape_str(qkv.sizes()));
+  return {qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2)};
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_attention_qkv(const at::Tensor& qkv,
+                                                          const std::optional<at::Tensor>& key_mask, bool causal,
+                                                          double scale) {
+  auto [q, k, v] = unpack_qkv(qkv);
+  return temporal_attention(q, k, v, key_mask, causal, scale);
+}
+
+at::Tensor temporal_attention_qkv_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
+                                           const at::Tensor& lse, const std::optional<at::Tensor>& key_mask,
+                                           bool causal, double scale) {
+  auto [q, k, v] = unpack_qkv(qkv);
+  if (qkv.is_cuda()) {  // the CUDA kernels write three tensors
+    auto [dq, dk, dv] = temporal_attention_backward(grad_out, q, k, v, out, lse, key_mask, causal, scale);
+    return at::stack({dq, dk, dv}, 3);
+  }
+  auto l = bwd_launch(grad_out, q, k, v, out, lse, key_mask, causal, scale);
+  auto dqkv = at::empty(qkv.sizes(), qkv.options());
+  if (qkv.numel() == 0) return dqkv;
+  const int64_t HD = q.size(3) * q.size(4);
+  auto* base = static_cast<char*>(dqkv.mutable_data_ptr());
+  const int64_t part = HD * static_cast<int64_t>(dqkv.element_size());
+  l.p.dq = base;
+  l.p.dk = base + part;
+  l.p.dv = base + 2 * part;
+  l.p.grad_row_stride = 3 * HD;
+  FVDM_LAUNCH(temporal_attn_bwd, l.p, q);
+  return dqkv;
 }
 
 void register_impls(torch::Library& m) {
   m.impl("temporal_attention", &temporal_attention);
   m.impl("temporal_attention_backward", &temporal_attention_backward);
+  m.impl("temporal_attention_qkv", &temporal_attention_qkv);
+  m.impl("temporal_attention_qkv_backward", &temporal_attention_qkv_backward);
 }
 
 }  // namespace

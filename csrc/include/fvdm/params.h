@@ -106,6 +106,10 @@ struct TemporalAttnBwdParams {
   void* dq;
   void* dk;
   void* dv;
+  // Elements between consecutive (b, f, n) rows of H * Dh values in dq, dk, dv: H * Dh for
+  // three (B, F, N, H, Dh) tensors, 3 * H * Dh for one packed (B, F, N, 3, H, Dh) gradient
+  // (CPU only; the CUDA kernels write three tensors).
+  int64_t grad_row_stride;
 };
 
 }  // namespace fvdm

@@ -450,9 +450,11 @@ struct TokenOut {
   TokenOut(int64_t F_, int64_t N_, int64_t H, int64_t Dh)
       : buf(F_ * (H * Dh + pad(Dh) - Dh)), F(F_), N(N_), HD(H * Dh), ld(H * Dh + pad(Dh) - Dh) {}
   scalar_t* row(int64_t f, int64_t h, int64_t Dh) { return buf.data() + f * ld + h * Dh; }
-  void flush(scalar_t* dst, int64_t b, int64_t n) const {
+  // dst's (b, f, n) rows are row_stride elements apart (HD when dst is (B, F, N, H, Dh)).
+  void flush(scalar_t* dst, int64_t b, int64_t n, int64_t row_stride) const {
     for (int64_t f = 0; f < F; ++f)
-      stream_copy(buf.data() + f * ld, dst + ((b * F + f) * N + n) * HD, HD * static_cast<int64_t>(sizeof(scalar_t)));
+      stream_copy(buf.data() + f * ld, dst + ((b * F + f) * N + n) * row_stride,
+                  HD * static_cast<int64_t>(sizeof(scalar_t)));
   }
 };
 
@@ -516,7 +518,7 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
         }
       }
       pf.rest();  // what the GEMMs' steps did not reach (few heads, short rows)
-      tok.flush(out, b, n);
+      tok.flush(out, b, n, H * Dh);
     });
     stream_fence();
   });
@@ -606,9 +608,9 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
         }
       }
       pf.rest();
-      tdq.flush(dq_out, b, n);
-      tdk.flush(dk_out, b, n);
-      tdv.flush(dv_out, b, n);
+      tdq.flush(dq_out, b, n, bp.grad_row_stride);
+      tdk.flush(dk_out, b, n, bp.grad_row_stride);
+      tdv.flush(dv_out, b, n, bp.grad_row_stride);
     });
     stream_fence();
   });

@@ -132,7 +132,9 @@ def _cases(op: str, shape: str, dtype_name: str, mode: str, device: torch.device
                     lambda x, e, z, c: ops.frame_combine([x, e, z], c),
                     lambda x, e, z, c: ref.frame_combine_ref([x, e, z], c), bytes_moved=4 * act * el)
     if op == "temporal_attention":
-        # q, k, v are views into the qkv projection output, as in the model.
+        # The (B, F, N, 3, H, Dh) qkv projection output, as in the model: the fused op takes it
+        # packed (temporal_attention_qkv, as the model calls it), the reference unbinds it into
+        # q, k, v views as a Latte block does.
         def attn(fn):
             return lambda qkv: fn(*qkv.unbind(3))
 
@@ -141,7 +143,7 @@ def _cases(op: str, shape: str, dtype_name: str, mode: str, device: torch.device
 
         return Case(op, shape, dtype_name, mode,
                     lambda: (randn(B, Fr, N, 3, H, Dh, requires_grad=grad),),
-                    attn(ops.temporal_attention), attn(ref.temporal_attention_ref), bytes_moved=4 * act * el,
+                    ops.temporal_attention_qkv, attn(ref.temporal_attention_ref), bytes_moved=4 * act * el,
                     extra={"sdpa_pretransposed": (
                         lambda: tuple(randn(B * N, H, Fr, Dh, requires_grad=grad) for _ in range(3)), sdpa_pre)})
     raise ValueError(f"unknown op {op!r}; choose from {OPS}")

@@ -206,15 +206,15 @@ class JointAttention(SpatialAttention):
 
 class TemporalAttention(_Attention):
     """Self-attention along F for every (b, token, head). The fused op reads q, k, v in place
-    from the (B, F, N, 3, H, Dh) projection and writes (B, F, N, H, Dh): no transposes."""
+    from the (B, F, N, 3, H, Dh) projection and writes (B, F, N, H, Dh): no transposes; its
+    backward writes the projection's gradient in that layout too."""
 
     def forward(self, x: torch.Tensor, ops, frame_local: bool = False) -> torch.Tensor:
         B, Fr, N, D = x.shape
         H = self.num_heads
         if frame_local:  # each frame attends only to itself: the output is its own value
             return self.proj(F.linear(x, self.qkv.weight[2 * D:], self.qkv.bias[2 * D:]))
-        q, k, v = self.qkv(x).view(B, Fr, N, 3, H, D // H).unbind(3)  # each (B, F, N, H, Dh), strided
-        out = ops.temporal_attention(q, k, v)  # (B, F, N, H, Dh) contiguous
+        out = ops.temporal_attention_qkv(self.qkv(x).view(B, Fr, N, 3, H, D // H))  # (B, F, N, H, Dh)
         return self.proj(out.view(B, Fr, N, D))
 
 

@@ -10,7 +10,7 @@ from fvdm._ext import HAS_C
 from fvdm.ops import reference
 from fvdm.ops.modulate import adaln_modulate, gated_residual
 from fvdm.ops.noise import frame_combine, noise_inject
-from fvdm.ops.temporal_attn import temporal_attention
+from fvdm.ops.temporal_attn import temporal_attention, temporal_attention_qkv
 
 __all__ = [
     "adaln_modulate",
@@ -18,6 +18,7 @@ __all__ = [
     "frame_combine",
     "noise_inject",
     "temporal_attention",
+    "temporal_attention_qkv",
     "reference",
     "get_backend",
     "BACKENDS",
@@ -32,6 +33,7 @@ _FUSED = SimpleNamespace(
     frame_combine=frame_combine,
     noise_inject=noise_inject,
     temporal_attention=temporal_attention,
+    temporal_attention_qkv=temporal_attention_qkv,
 )
 _REFERENCE = SimpleNamespace(
     name="reference",
@@ -40,6 +42,7 @@ _REFERENCE = SimpleNamespace(
     frame_combine=reference.frame_combine_ref,
     noise_inject=reference.noise_inject_ref,
     temporal_attention=reference.temporal_attention_ref,
+    temporal_attention_qkv=reference.temporal_attention_qkv_ref,
 )
 
 

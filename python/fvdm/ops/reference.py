@@ -74,3 +74,13 @@ def temporal_attention_ref(
     if allowed is not None:  # rows with no allowed key: zeros, not NaN
         out = out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     return out.reshape(B, N, H, Fr, Dh).permute(0, 3, 1, 2, 4).contiguous()
+
+
+def temporal_attention_qkv_ref(
+    qkv: torch.Tensor,
+    causal: bool = False,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """temporal_attention_ref on q, k, v = qkv.unbind(3) of a (B,F,N,3,H,Dh) qkv buffer."""
+    return temporal_attention_ref(*qkv.unbind(3), causal=causal, key_mask=key_mask, scale=scale)
