@@ -533,8 +533,9 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
   const Strided<scalar_t> K{static_cast<const scalar_t*>(p.k), p.k_stride};
   const Strided<scalar_t> V{static_cast<const scalar_t*>(p.v), p.v_stride};
   // out, grad_out and the gradients are contiguous (B, F, N, H, Dh).
+  // out is not read: the softmax-gradient correction D_i = dO_i . O_i equals sum_j P_ij dP_ij,
+  // from P and dP, which the backward has in L1 anyway (one input stream less).
   const AttnStrides contig{F * N * H * Dh, N * H * Dh, H * Dh, Dh};
-  const Strided<scalar_t> O{static_cast<const scalar_t*>(p.out), contig};
   const Strided<scalar_t> dO{static_cast<const scalar_t*>(bp.grad_out), contig};
   const auto* lse = static_cast<const opmath_t*>(p.lse);
   auto* dq_out = static_cast<scalar_t*>(bp.dq);
@@ -542,19 +543,18 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
   auto* dv_out = static_cast<scalar_t*>(bp.dv);
   const auto scale = static_cast<opmath_t>(p.scale);
   constexpr opmath_t kNegInf = -std::numeric_limits<opmath_t>::infinity();
-  // Per head: q, k, v, dO (F x Dhp) and D_i = dO_i . O_i (F); k^T and v^T (Dh x Fp) are made
-  // per head while in L1.
+  // Per head: q, k, v, dO (F x Dhp); k^T and v^T (Dh x Fp) are made per head while in L1.
   const int64_t row_sz = F * Dhp, col_sz = Dh * Fp;
-  const int64_t HG = heads_per_group(H, 4 * row_sz + F);
+  const int64_t HG = heads_per_group(H, 4 * row_sz);
   at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
-    Buf<opmath_t> q(HG * row_sz), k(HG * row_sz), v(HG * row_sz), dout(HG * row_sz), kt(col_sz), vt(col_sz), dsum(HG * F),
-        s(F * Fp), dp(F * Fp), allow(F * Fp), t(F * F), res(F * Dhp), tmp(Dh), tmp2(Dh);
+    Buf<opmath_t> q(HG * row_sz), k(HG * row_sz), v(HG * row_sz), dout(HG * row_sz), kt(col_sz), vt(col_sz),
+        s(F * Fp), dp(F * Fp), allow(F * Fp), t(F * F), res(F * Dhp), tmp(Dh);
     TokenOut<scalar_t> tdq(F, N, H, Dh), tdk(F, N, H, Dh), tdv(F, N, H, Dh);
     std::vector<char> any(F);
     LinePrefetcher pf;
     for_each_token(p, begin, end, Fp, allow(), static_cast<opmath_t*>(nullptr), any, [&](int64_t b, int64_t n, bool prefetch, int64_t b1, int64_t n1) {
       const int64_t token = b * N + n;
-      queue_token(pf, {&Q, &K, &V, &O, &dO}, prefetch, b1, n1, F, H, Dh);
+      queue_token(pf, {&Q, &K, &V, &dO}, prefetch, b1, n1, F, H, Dh);
       for (int64_t h0 = 0; h0 < H; h0 += HG) {
         const int64_t hn = std::min(HG, H - h0);
         for (int64_t f = 0; f < F; ++f)
@@ -566,13 +566,8 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
             copy_row(r, k() + g * row_sz + f * Dhp, Dh);
             r = load_row(V.row(b, f, n, h), tmp(), Dh);
             copy_row(r, v() + g * row_sz + f * Dhp, Dh);
-            const opmath_t* __restrict__ go = load_row(dO.row(b, f, n, h), tmp(), Dh);
-            const opmath_t* __restrict__ oo = load_row(O.row(b, f, n, h), tmp2(), Dh);
-            copy_row(go, dout() + g * row_sz + f * Dhp, Dh);
-            opmath_t acc = 0;  // D_f = dO_f . O_f, the softmax-gradient correction
-#pragma omp simd reduction(+ : acc)
-            for (int64_t d = 0; d < Dh; ++d) acc += go[d] * oo[d];
-            dsum()[g * F + f] = acc;
+            r = load_row(dO.row(b, f, n, h), tmp(), Dh);
+            copy_row(r, dout() + g * row_sz + f * Dhp, Dh);
           }
         for (int64_t g = 0; g < hn; ++g) {
           const int64_t h = h0 + g;
@@ -581,21 +576,23 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
           transpose(v() + g * row_sz, Dhp, vt(), Fp, F, Dh);
           gemm(q() + g * row_sz, Dhp, kt(), Fp, s(), Fp, F, Dh, Fp, &pf);     // S = Q K^T
           gemm(dout() + g * row_sz, Dhp, vt(), Fp, dp(), Fp, F, Dh, Fp, &pf);  // dP = dO V^T
-          for (int64_t i = 0; i < F; ++i) {  // P from lse; dS = P (dP - D) * scale
+          for (int64_t i = 0; i < F; ++i) {  // P from lse; D = sum_j P dP; dS = P (dP - D) * scale
             opmath_t* __restrict__ pr = s() + i * Fp;
             opmath_t* __restrict__ dr = dp() + i * Fp;
             const opmath_t* __restrict__ a = allow() + i * Fp;
             const bool live = any[i] && std::isfinite(lse_seq[i]);
             const opmath_t m = live ? lse_seq[i] : opmath_t(0), on = live ? opmath_t(1) : opmath_t(0);
-            const opmath_t di = dsum()[g * F + i];
 #pragma omp simd
             for (int64_t j = 0; j < Fp; ++j) pr[j] = a[j] != 0 && on != 0 ? pr[j] * scale - m : kNegInf;
             exp_inplace(pr, Fp);
-#pragma omp simd
+            opmath_t di = 0;
+#pragma omp simd reduction(+ : di)
             for (int64_t j = 0; j < Fp; ++j) {
               pr[j] *= a[j] * on;
-              dr[j] = pr[j] * (dr[j] - di) * scale;
+              di += pr[j] * dr[j];
             }
+#pragma omp simd
+            for (int64_t j = 0; j < Fp; ++j) dr[j] = pr[j] * (dr[j] - di) * scale;
           }
           transpose(s(), Fp, t(), F, F, F);                                   // P^T
           gemm(t(), F, dout() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp, &pf);      // dV = P^T dO
