@@ -101,7 +101,7 @@ struct TemporalAttnFwdParams {
 };
 
 struct TemporalAttnBwdParams {
-  TemporalAttnFwdParams fwd;  // q, k, v, mask, out (read), lse (read)
+  TemporalAttnFwdParams fwd;  // q, k, v, mask, lse (read); out (read by the CUDA kernels only)
   const void* grad_out;       // contiguous (B, F, N, H, Dh)
   void* dq;
   void* dk;
