@@ -186,6 +186,8 @@ def test_packed_qkv_bad_shapes_name_the_argument(shape, match):
         temporal_attention_qkv(torch.randn(shape))
     with pytest.raises(TypeError, match="qkv must be float32"):
         temporal_attention_qkv(torch.randn(2, 4, 3, 3, 2, 8).int())
+    with pytest.raises(ValueError, match="qkv must be contiguous in its last dim"):
+        temporal_attention_qkv(torch.randn(2, 4, 3, 3, 2, 8, 2)[..., 0])
 
 
 def test_non_contiguous_last_dim_and_bad_scale_are_rejected():

@@ -147,6 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unpack_qkv(const at::Tensor& qkv)
   check_dim(qkv, 6, "qkv", "(B, F, N, 3, H, Dh)");
   TORCH_CHECK_VALUE(qkv.size(3) == 3, "fvdm: qkv must be (B, F, N, 3, H, Dh) with q, k, v along dim 3, got shape ",
                     shape_str(qkv.sizes()));
+  check_last_dim_contiguous(qkv, "qkv");
   return {qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2)};
 }
 
