@@ -543,11 +543,13 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
   auto* dv_out = static_cast<scalar_t*>(bp.dv);
   const auto scale = static_cast<opmath_t>(p.scale);
   constexpr opmath_t kNegInf = -std::numeric_limits<opmath_t>::infinity();
-  // Per head: q, k, v, dO (F x Dhp); k^T and v^T (Dh x Fp) are made per head while in L1.
+  // Per head: q, k, dO (F x Dhp) gathered, v too when converted (fp32/fp64 transpose v^T from
+  // the source rows, as the forward does k^T); k^T and v^T (Dh x Fp) are made per head.
   const int64_t row_sz = F * Dhp, col_sz = Dh * Fp;
   const int64_t HG = heads_per_group(H, 4 * row_sz);
+  constexpr bool kNoConversion = !kNeedsConversion<scalar_t>;
   at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
-    Buf<opmath_t> q(HG * row_sz), k(HG * row_sz), v(HG * row_sz), dout(HG * row_sz), kt(col_sz), vt(col_sz),
+    Buf<opmath_t> q(HG * row_sz), k(HG * row_sz), v(kNoConversion ? 0 : HG * row_sz), dout(HG * row_sz), kt(col_sz), vt(col_sz),
         s(F * Fp), dp(F * Fp), allow(F * Fp), t(F * F), res(F * Dhp), tmp(Dh);
     TokenOut<scalar_t> tdq(F, N, H, Dh), tdk(F, N, H, Dh), tdv(F, N, H, Dh);
     std::vector<char> any(F);
@@ -564,8 +566,10 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
             copy_row(r, q() + g * row_sz + f * Dhp, Dh);
             r = load_row(K.row(b, f, n, h), tmp(), Dh);
             copy_row(r, k() + g * row_sz + f * Dhp, Dh);
-            r = load_row(V.row(b, f, n, h), tmp(), Dh);
-            copy_row(r, v() + g * row_sz + f * Dhp, Dh);
+            if constexpr (!kNoConversion) {
+              r = load_row(V.row(b, f, n, h), tmp(), Dh);
+              copy_row(r, v() + g * row_sz + f * Dhp, Dh);
+            }
             r = load_row(dO.row(b, f, n, h), tmp(), Dh);
             copy_row(r, dout() + g * row_sz + f * Dhp, Dh);
           }
@@ -573,7 +577,10 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
           const int64_t h = h0 + g;
           const opmath_t* lse_seq = lse + (token * H + h) * F;
           transpose(k() + g * row_sz, Dhp, kt(), Fp, F, Dh);
-          transpose(v() + g * row_sz, Dhp, vt(), Fp, F, Dh);
+          if constexpr (kNoConversion)  // v is only needed as v^T: straight from the source rows
+            transpose(V.row(b, 0, n, h), V.st.f, vt(), Fp, F, Dh);
+          else
+            transpose(v() + g * row_sz, Dhp, vt(), Fp, F, Dh);
           gemm(q() + g * row_sz, Dhp, kt(), Fp, s(), Fp, F, Dh, Fp, &pf);     // S = Q K^T
           gemm(dout() + g * row_sz, Dhp, vt(), Fp, dp(), Fp, F, Dh, Fp, &pf);  // dP = dO V^T
           for (int64_t i = 0; i < F; ++i) {  // P from lse; D = sum_j P dP; dS = P (dP - D) * scale
