@@ -601,14 +601,21 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
 #pragma omp simd
             for (int64_t j = 0; j < Fp; ++j) dr[j] = pr[j] * (dr[j] - di) * scale;
           }
-          transpose(s(), Fp, t(), F, F, F);                                   // P^T
-          gemm(t(), F, dout() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp, &pf);      // dV = P^T dO
-          for (int64_t j = 0; j < F; ++j) from_opmath(res() + j * Dhp, tdv.row(j, h, Dh), Dh);
-          transpose(dp(), Fp, t(), F, F, F);                                  // dS^T
-          gemm(t(), F, q() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp, &pf);         // dK = dS^T Q
-          for (int64_t j = 0; j < F; ++j) from_opmath(res() + j * Dhp, tdk.row(j, h, Dh), Dh);
-          gemm(dp(), Fp, k() + g * row_sz, Dhp, res(), Dhp, F, F, Dhp, &pf);       // dQ = dS K
-          for (int64_t i = 0; i < F; ++i) from_opmath(res() + i * Dhp, tdq.row(i, h, Dh), Dh);
+          // The three gradient GEMMs; fp32/fp64 write straight into the output stages (as the
+          // forward's O = P V does), converted types through res().
+          const auto grad_gemm = [&](const opmath_t* A, int64_t lda, const opmath_t* Bm, TokenOut<scalar_t>& stage) {
+            if constexpr (kNoConversion) {
+              gemm(A, lda, Bm, Dhp, stage.row(0, h, Dh), stage.ld, F, F, pad8(Dh), &pf);
+            } else {
+              gemm(A, lda, Bm, Dhp, res(), Dhp, F, F, Dhp, &pf);
+              for (int64_t j = 0; j < F; ++j) from_opmath(res() + j * Dhp, stage.row(j, h, Dh), Dh);
+            }
+          };
+          transpose(s(), Fp, t(), F, F, F);                  // P^T
+          grad_gemm(t(), F, dout() + g * row_sz, tdv);       // dV = P^T dO
+          transpose(dp(), Fp, t(), F, F, F);                 // dS^T
+          grad_gemm(t(), F, q() + g * row_sz, tdk);          // dK = dS^T Q
+          grad_gemm(dp(), Fp, k() + g * row_sz, tdq);        // dQ = dS K
         }
       }
       pf.rest();
