@@ -73,6 +73,15 @@ struct TrickleRows {
   }
 };
 
+// Calls f(std::integral_constant<int, R>) for a block of R = 4, 2 or 1 rows, the most of those
+// that `left` rows allow; returns R. The row kernels below take R as a template argument.
+template <typename F>
+inline int64_t with_row_block(int64_t left, const F& f) {
+  if (left >= 4) return f(std::integral_constant<int, 4>{}), 4;
+  if (left >= 2) return f(std::integral_constant<int, 2>{}), 2;
+  return f(std::integral_constant<int, 1>{}), 1;
+}
+
 // The forward for R rows of one frame at a time (R <= 4), fp32, bf16 or fp16, all in registers.
 // Statistics come from one pass of shifted sums: with k the mean of the row's first 16 values,
 // var = E[(x-k)^2] - E[x-k]^2 loses at most D/16 ulps to cancellation (|mean - k|^2 <= var *
@@ -148,17 +157,11 @@ void adaln_fwd_impl(const AdalnFwdParams& p) {
       }
 #if defined(FVDM_AVX512)
       if constexpr (!std::is_same_v<scalar_t, double>) {
-        const int64_t left = std::min(end, t.end) - row;
-        const int64_t rows = left >= 4 ? 4 : left >= 2 ? 2 : 1;
-        const auto run = [&](auto r) {
-          adaln_rows<decltype(r)::value>(x + row * D, t.a.data(), t.b.data(), y + row * D, mean_out + row,
-                                         rstd_out + row, D, static_cast<float>(p.eps), stream_rows,
-                                         std::min<int64_t>(4, end - row - rows));
-        };
-        if (rows == 4) run(std::integral_constant<int, 4>{});
-        else if (rows == 2) run(std::integral_constant<int, 2>{});
-        else run(std::integral_constant<int, 1>{});
-        row += rows - 1;
+        row += with_row_block(std::min(end, t.end) - row, [&](auto r) {
+                 constexpr int R = decltype(r)::value;
+                 adaln_rows<R>(x + row * D, t.a.data(), t.b.data(), y + row * D, mean_out + row, rstd_out + row, D,
+                               static_cast<float>(p.eps), stream_rows, std::min<int64_t>(4, end - row - R));
+               }) - 1;
         continue;
       }
 #endif
@@ -258,15 +261,11 @@ void adaln_bwd_impl(const AdalnBwdParams& p) {
     if constexpr (kNeedsConversion<scalar_t>) {
       for (int64_t n = n0; n < n1;) {
         const int64_t row = bf * N + n;
-        const int64_t rows = n1 - n >= 4 ? 4 : n1 - n >= 2 ? 2 : 1;
-        const auto run = [&](auto r) {
-          adaln_bwd_rows<decltype(r)::value>(gy + row * D, x + row * D, sc1, mean + row, rstd + row, dsh, dsc,
-                                             dx + row * D, D, std::min<int64_t>(4, n1 - n - rows));
-        };
-        if (rows == 4) run(std::integral_constant<int, 4>{});
-        else if (rows == 2) run(std::integral_constant<int, 2>{});
-        else run(std::integral_constant<int, 1>{});
-        n += rows;
+        n += with_row_block(n1 - n, [&](auto r) {
+          constexpr int R = decltype(r)::value;
+          adaln_bwd_rows<R>(gy + row * D, x + row * D, sc1, mean + row, rstd + row, dsh, dsc, dx + row * D, D,
+                            std::min<int64_t>(4, n1 - n - R));
+        });
       }
       return;
     }
@@ -343,8 +342,6 @@ void gated_fwd_impl(const GatedResidualFwdParams& p) {
         });
         continue;
       }
-#endif
-#if defined(FVDM_AVX512)
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (stream) {
           const float* xr = x + row * D;
@@ -393,8 +390,6 @@ void gated_bwd_impl(const GatedResidualBwdParams& p) {
         });
         continue;
       }
-#endif
-#if defined(FVDM_AVX512)
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (stream) {
           const float* gr = go + row * D;

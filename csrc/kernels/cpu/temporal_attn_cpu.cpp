@@ -458,6 +458,20 @@ struct TokenOut {
   }
 };
 
+// Head h's F output rows = A[F x K] * B[K x pad8(Dh)] into a token's stage: fp32/fp64 straight
+// into the stage rows (the pad8 columns past Dh land where head h + 1 writes next, or in the
+// gap after the last head), converted types through buf (F x ldb) and from_opmath.
+template <typename scalar_t, typename opmath_t>
+inline void gemm_to_stage(const opmath_t* A, int64_t lda, const opmath_t* B, int64_t ldb, TokenOut<scalar_t>& stage,
+                          int64_t h, int64_t Dh, int64_t F, int64_t K, opmath_t* buf, LinePrefetcher* pf) {
+  if constexpr (!kNeedsConversion<scalar_t>) {
+    gemm(A, lda, B, ldb, stage.row(0, h, Dh), stage.ld, F, K, pad8(Dh), pf);
+  } else {
+    gemm(A, lda, B, ldb, buf, ldb, F, K, pad8(Dh), pf);
+    for (int64_t i = 0; i < F; ++i) from_opmath(buf + i * ldb, stage.row(i, h, Dh), Dh);
+  }
+}
+
 template <typename scalar_t, typename opmath_t>
 void attn_fwd_impl(const TemporalAttnFwdParams& p) {
   const int64_t B = p.B, F = p.F, N = p.N, H = p.H, Dh = p.Dh;
@@ -509,12 +523,7 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
             transpose(k() + g * q_sz, Dh, kt(), Fp, F, Dh);
           gemm(q() + g * q_sz, Dh, kt(), Fp, s(), Fp, F, Dh, Fp, &pf);                 // S = Q K^T
           softmax_rows(s(), allow(), allow_tp, any, F, Fp, scale, lse + (token * H + h) * F);  // P, normalised
-          if constexpr (kNoConversion) {  // O = P V, straight into the output stage
-            gemm(s(), Fp, v() + g * v_sz, Dhp, tok.row(0, h, Dh), tok.ld, F, F, pad8(Dh), &pf);
-          } else {
-            gemm(s(), Fp, v() + g * v_sz, Dhp, o(), Dhp, F, F, pad8(Dh), &pf);         // O = P V
-            for (int64_t i = 0; i < F; ++i) from_opmath(o() + i * Dhp, tok.row(i, h, Dh), Dh);
-          }
+          gemm_to_stage(s(), Fp, v() + g * v_sz, Dhp, tok, h, Dh, F, F, o(), &pf);  // O = P V
         }
       }
       pf.rest();  // what the GEMMs' steps did not reach (few heads, short rows)
@@ -532,8 +541,8 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
   const Strided<scalar_t> Q{static_cast<const scalar_t*>(p.q), p.q_stride};
   const Strided<scalar_t> K{static_cast<const scalar_t*>(p.k), p.k_stride};
   const Strided<scalar_t> V{static_cast<const scalar_t*>(p.v), p.v_stride};
-  // out, grad_out and the gradients are contiguous (B, F, N, H, Dh).
-  // out is not read: the softmax-gradient correction D_i = dO_i . O_i equals sum_j P_ij dP_ij,
+  // grad_out is contiguous (B, F, N, H, Dh); the gradients' (b, f, n) rows are grad_row_stride
+  // apart. out is not read: the softmax-gradient correction D_i = dO_i . O_i equals sum_j P_ij dP_ij,
   // from P and dP, which the backward has in L1 anyway (one input stream less).
   const AttnStrides contig{F * N * H * Dh, N * H * Dh, H * Dh, Dh};
   const Strided<scalar_t> dO{static_cast<const scalar_t*>(bp.grad_out), contig};
@@ -550,7 +559,7 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
   constexpr bool kNoConversion = !kNeedsConversion<scalar_t>;
   at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
     Buf<opmath_t> q(HG * row_sz), k(HG * row_sz), v(kNoConversion ? 0 : HG * row_sz), dout(HG * row_sz), kt(col_sz), vt(col_sz),
-        s(F * Fp), dp(F * Fp), allow(F * Fp), t(F * F), res(F * Dhp), tmp(Dh);
+        s(F * Fp), dp(F * Fp), allow(F * Fp), t(F * F), res(kNoConversion ? 0 : F * Dhp), tmp(Dh);
     TokenOut<scalar_t> tdq(F, N, H, Dh), tdk(F, N, H, Dh), tdv(F, N, H, Dh);
     std::vector<char> any(F);
     LinePrefetcher pf;
@@ -601,21 +610,11 @@ void attn_bwd_impl(const TemporalAttnBwdParams& bp) {
 #pragma omp simd
             for (int64_t j = 0; j < Fp; ++j) dr[j] = pr[j] * (dr[j] - di) * scale;
           }
-          // The three gradient GEMMs; fp32/fp64 write straight into the output stages (as the
-          // forward's O = P V does), converted types through res().
-          const auto grad_gemm = [&](const opmath_t* A, int64_t lda, const opmath_t* Bm, TokenOut<scalar_t>& stage) {
-            if constexpr (kNoConversion) {
-              gemm(A, lda, Bm, Dhp, stage.row(0, h, Dh), stage.ld, F, F, pad8(Dh), &pf);
-            } else {
-              gemm(A, lda, Bm, Dhp, res(), Dhp, F, F, Dhp, &pf);
-              for (int64_t j = 0; j < F; ++j) from_opmath(res() + j * Dhp, stage.row(j, h, Dh), Dh);
-            }
-          };
-          transpose(s(), Fp, t(), F, F, F);                  // P^T
-          grad_gemm(t(), F, dout() + g * row_sz, tdv);       // dV = P^T dO
-          transpose(dp(), Fp, t(), F, F, F);                 // dS^T
-          grad_gemm(t(), F, q() + g * row_sz, tdk);          // dK = dS^T Q
-          grad_gemm(dp(), Fp, k() + g * row_sz, tdq);        // dQ = dS K
+          transpose(s(), Fp, t(), F, F, F);                                             // P^T
+          gemm_to_stage(t(), F, dout() + g * row_sz, Dhp, tdv, h, Dh, F, F, res(), &pf);  // dV = P^T dO
+          transpose(dp(), Fp, t(), F, F, F);                                            // dS^T
+          gemm_to_stage(t(), F, q() + g * row_sz, Dhp, tdk, h, Dh, F, F, res(), &pf);     // dK = dS^T Q
+          gemm_to_stage(dp(), Fp, k() + g * row_sz, Dhp, tdq, h, Dh, F, F, res(), &pf);   // dQ = dS K
         }
       }
       pf.rest();
