@@ -103,14 +103,21 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def _cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """Each /proc/cpuinfo field's first value (empty where there is no such file)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def _cpu_model(cpuinfo: dict[str, str] | None = None) -> str:
+    model = (cpuinfo if cpuinfo is not None else _cpuinfo()).get("model name")
+    return model or platform.processor() or platform.machine()
 
 
 # CPU flags that tell hosts sold under one model name apart (a cloud "AMD EPYC" may be a Zen 4
@@ -119,17 +126,12 @@ _NOTABLE_CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", 
                       "avx512_vp2intersect", "amx_tile")
 
 
-def _cpu_details() -> dict:
+def _cpu_details(cpuinfo: dict[str, str]) -> dict:
     """Notable CPU flags and the last-level cache size, where Linux tells them."""
     details: dict = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                details["cpu_flags"] = [f for f in _NOTABLE_CPU_FLAGS if f in flags]
-                break
-    except OSError:
-        pass
+    if "flags" in cpuinfo:
+        flags = set(cpuinfo["flags"].split())
+        details["cpu_flags"] = [f for f in _NOTABLE_CPU_FLAGS if f in flags]
     try:
         caches = sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"))
         if caches:
@@ -140,10 +142,11 @@ def _cpu_details() -> dict:
 
 
 def machine_info(device: torch.device) -> dict:
+    cpuinfo = _cpuinfo()
     info = {
         "device": device.type,
-        "cpu": _cpu_model(),
-        **_cpu_details(),
+        "cpu": _cpu_model(cpuinfo),
+        **_cpu_details(cpuinfo),
         "cpu_threads": torch.get_num_threads(),
         "os_cpus": os.cpu_count(),
         "python": platform.python_version(),
