@@ -12,7 +12,7 @@ CUDA_TORCH_SPEC ?= torch==2.14.1
 CUDA_HOME ?= /usr/local/cuda
 CUDA_ARCHS ?= 8.0;9.0
 
-.PHONY: demo test build bench cuda-check clean
+.PHONY: demo test build bench cuda-check cuda-emu test-cuda-emu clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,23 @@ demo: build
 	$(PY) -m fvdm train --config demo_cpu --out runs/demo_cpu --resume
 	$(PY) -m fvdm sample all --run runs/demo_cpu
 
-test: build
-	$(PY) -m pytest -q
+# The suite, then the CUDA kernels run on the CPU by the emulation (below).
+test: build test-cuda-emu
+	$(PY) -m pytest -q -m "not cuda_emu"
+
+# The CUDA kernels and launchers (csrc/kernels/cuda/*.cu) compiled as C++ against the CUDA
+# emulation in csrc/emu/, with AddressSanitizer, and tests/test_cuda_emulation.py run with the
+# sanitizer's runtime preloaded (libstdc++ too: the sanitizer must see it to intercept throws).
+EMU_BUILD ?= build/cuda-emu
+ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
+cuda-emu: $(VENV)/.deps
+	$(VENV)/bin/cmake -S . -B $(EMU_BUILD) -GNinja -DFVDM_CUDA_EMULATION=ON -DPython_EXECUTABLE=$(abspath $(PY)) \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > /dev/null
+	$(VENV)/bin/cmake --build $(EMU_BUILD)
+
+test-cuda-emu: build cuda-emu
+	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 FVDM_CUDA_EMU_LIB=$(abspath $(EMU_BUILD))/libfvdm_cuda_emu.so \
+	  $(PY) -m pytest -q -p no:cacheprovider -m cuda_emu tests/test_cuda_emulation.py
 
 bench: build
 	$(PY) -m fvdm bench kernels
@@ -51,7 +66,7 @@ cuda-check: $(CUDA_VENV)/.deps
 	rm -rf build/cuda-pkg && mkdir -p build/cuda-pkg && cp -r python/fvdm build/cuda-pkg/ && rm -f build/cuda-pkg/fvdm/_C*.so
 	CUDA_HOME=$(CUDA_HOME) FVDM_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" $(CUDA_VENV)/bin/python setup.py -q build_ext --build-lib build/cuda-pkg
 	PYTHONPATH=build/cuda-pkg $(CUDA_VENV)/bin/python -c "import fvdm; i = fvdm.build_info(); assert i['cuda'] and all('cuda' in b for b in i['kernels'].values()), i; print('CUDA kernels compiled for', i['cuda_archs'])"
-	PYTHONPATH=build/cuda-pkg $(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider
+	PYTHONPATH=build/cuda-pkg $(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not cuda_emu"
 
 clean:
 	rm -rf build python/fvdm/_C*.so

@@ -2,7 +2,15 @@
 // per backend in csrc/ops/*.cpp; autograd and fake (meta) kernels in python/fvdm/ops/.
 #include <torch/library.h>
 
-TORCH_LIBRARY(fvdm, m) {
+// The test-only CPU emulation of the CUDA kernels (csrc/emu/) registers the same schemas as
+// fvdm_cuda_emu::*, so it loads beside fvdm._C.
+#ifdef FVDM_CUDA_EMULATION
+#define FVDM_LIBRARY(m) TORCH_LIBRARY(fvdm_cuda_emu, m)
+#else
+#define FVDM_LIBRARY(m) TORCH_LIBRARY(fvdm, m)
+#endif
+
+FVDM_LIBRARY(m) {
   // Per-frame adaLN modulation. x (B,F,N,D); shift, scale (B,F,D). Returns y, mean, rstd (B,F,N).
   m.def("adaln_modulate(Tensor x, Tensor shift, Tensor scale, float eps) -> (Tensor, Tensor, Tensor)");
   // Returns dx, dshift, dscale.

@@ -162,10 +162,6 @@ at::Tensor temporal_attention_qkv_backward(const at::Tensor& grad_out, const at:
                                            const at::Tensor& lse, const std::optional<at::Tensor>& key_mask,
                                            bool causal, double scale) {
   auto [q, k, v] = unpack_qkv(qkv);
-  if (qkv.is_cuda()) {  // the CUDA kernels write three tensors
-    auto [dq, dk, dv] = temporal_attention_backward(grad_out, q, k, v, out, lse, key_mask, causal, scale);
-    return at::stack({dq, dk, dv}, 3);
-  }
   auto l = bwd_launch(grad_out, q, k, v, out, lse, key_mask, causal, scale);
   auto dqkv = at::empty(qkv.sizes(), qkv.options());
   if (qkv.numel() == 0) return dqkv;

@@ -4,6 +4,9 @@
 
 #ifdef FVDM_WITH_CUDA
 #include <cuda_runtime_api.h>
+#elif defined(FVDM_CUDA_EMULATION)
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;  // as cuda_runtime_api.h declares it
 #endif
 
 namespace fvdm {
@@ -19,7 +22,7 @@ void temporal_attn_fwd(const TemporalAttnFwdParams& p);
 void temporal_attn_bwd(const TemporalAttnBwdParams& p);
 }  // namespace cpu
 
-#ifdef FVDM_WITH_CUDA
+#if defined(FVDM_WITH_CUDA) || defined(FVDM_CUDA_EMULATION)
 namespace cuda {
 void adaln_fwd(const AdalnFwdParams& p, cudaStream_t stream);
 void adaln_bwd(const AdalnBwdParams& p, cudaStream_t stream);

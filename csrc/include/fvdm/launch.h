@@ -18,6 +18,9 @@
       ::fvdm::cpu::NAME(PARAMS);                                                       \
     }                                                                                  \
   } while (0)
+#elif defined(FVDM_CUDA_EMULATION)
+// Test-only build (csrc/emu/): CPU tensors go to the CUDA launchers, run by the emulation.
+#define FVDM_LAUNCH(NAME, PARAMS, TENSOR) ::fvdm::cuda::NAME((PARAMS), nullptr)
 #else
 #define FVDM_LAUNCH(NAME, PARAMS, TENSOR) ::fvdm::cpu::NAME(PARAMS)
 #endif
@@ -27,6 +30,9 @@
 #define FVDM_REGISTER_BACKENDS(REGISTER_FN)                   \
   TORCH_LIBRARY_IMPL(fvdm, CPU, m) { REGISTER_FN(m); }        \
   TORCH_LIBRARY_IMPL(fvdm, CUDA, m) { REGISTER_FN(m); }
+#elif defined(FVDM_CUDA_EMULATION)
+#define FVDM_REGISTER_BACKENDS(REGISTER_FN) \
+  TORCH_LIBRARY_IMPL(fvdm_cuda_emu, CPU, m) { REGISTER_FN(m); }
 #else
 #define FVDM_REGISTER_BACKENDS(REGISTER_FN) \
   TORCH_LIBRARY_IMPL(fvdm, CPU, m) { REGISTER_FN(m); }

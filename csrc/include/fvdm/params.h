@@ -107,8 +107,7 @@ struct TemporalAttnBwdParams {
   void* dk;
   void* dv;
   // Elements between consecutive (b, f, n) rows of H * Dh values in dq, dk, dv: H * Dh for
-  // three (B, F, N, H, Dh) tensors, 3 * H * Dh for one packed (B, F, N, 3, H, Dh) gradient
-  // (CPU only; the CUDA kernels write three tensors).
+  // three (B, F, N, H, Dh) tensors, 3 * H * Dh for one packed (B, F, N, 3, H, Dh) gradient.
   int64_t grad_row_stride;
 };
 

@@ -57,7 +57,7 @@ __global__ void combine_bwd_kernel(const T* __restrict__ go, InPtrs ins, OutPtrs
                                    const float* __restrict__ coeffs, float* __restrict__ ws, int K, int64_t BF,
                                    int64_t inner_vecs, int64_t vecs_per_chunk, int chunks) {
   using VT = Vec<T, V>;
-  __shared__ float red[K8 * 32];
+  FVDM_SHARED(float, red, K8 * 32);
   const int64_t bf = blockIdx.x / chunks;
   const int chunk = blockIdx.x % chunks;
   const int64_t v0 = chunk * vecs_per_chunk;
@@ -113,12 +113,11 @@ void combine_fwd_typed(const FrameCombineFwdParams& p, cudaStream_t stream) {
   const bool fast = p.inner % V == 0 && all_aligned16(p.inputs, p.K) && is_aligned(out, 16);
   if (fast) {
     const int64_t n = p.BF * (p.inner / V);
-    combine_fwd_kernel<T, V><<<grid_for(n, kThreads), kThreads, 0, stream>>>(ins, coeffs, out, K, p.inner / V, n);
+    FVDM_LAUNCH_KERNEL((combine_fwd_kernel<T, V>), grid_for(n, kThreads), kThreads, 0, stream, ins, coeffs, out, K, p.inner / V, n);
   } else {
     const int64_t n = p.BF * p.inner;
-    combine_fwd_kernel<T, 1><<<grid_for(n, kThreads), kThreads, 0, stream>>>(ins, coeffs, out, K, p.inner, n);
+    FVDM_LAUNCH_KERNEL((combine_fwd_kernel<T, 1>), grid_for(n, kThreads), kThreads, 0, stream, ins, coeffs, out, K, p.inner, n);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
@@ -145,13 +144,10 @@ void combine_bwd_typed(const FrameCombineBwdParams& p, cudaStream_t stream) {
   TORCH_CHECK(blocks <= INT32_MAX, "fvdm: too many frames for one CUDA launch (", blocks, " blocks)");
   Workspace ws(static_cast<int64_t>(chunks) * p.BF * p.K);
   if (fast) {
-    combine_bwd_kernel<T, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        go, ins, dins, coeffs, ws.data(), K, p.BF, inner_vecs, vecs_per_chunk, chunks);
+    FVDM_LAUNCH_KERNEL((combine_bwd_kernel<T, V>), static_cast<unsigned>(blocks), kThreads, 0, stream, go, ins, dins, coeffs, ws.data(), K, p.BF, inner_vecs, vecs_per_chunk, chunks);
   } else {
-    combine_bwd_kernel<T, 1><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        go, ins, dins, coeffs, ws.data(), K, p.BF, inner_vecs, vecs_per_chunk, chunks);
+    FVDM_LAUNCH_KERNEL((combine_bwd_kernel<T, 1>), static_cast<unsigned>(blocks), kThreads, 0, stream, go, ins, dins, coeffs, ws.data(), K, p.BF, inner_vecs, vecs_per_chunk, chunks);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto* dcoeffs = static_cast<float*>(p.dcoeffs);
   launch_reduce_chunks<float>(ws.data(), dcoeffs, dcoeffs, p.BF, p.K, p.K, chunks, stream);
 }

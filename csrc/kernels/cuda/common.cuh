@@ -7,9 +7,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "runtime.cuh"
 
 // Binds scalar_t for the three CUDA dtypes. Compute is always in float (opmath on CUDA).
 #define FVDM_CUDA_DISPATCH(DTYPE, NAME, ...)              \

@@ -1,11 +1,6 @@
-// Host-side helpers for the CUDA launchers: device facts, scratch workspaces from torch's
-// caching allocator (stream-ordered, so freeing at scope exit is safe), and how to split a
-// per-frame reduction into chunks so that small B*F still fills the GPU.
+// Host-side helpers for the CUDA launchers: device facts, and how to split a per-frame
+// reduction into chunks so that small B*F still fills the GPU.
 #pragma once
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDACachingAllocator.h>
-#include <c10/cuda/CUDAException.h>
-
 #include <algorithm>
 #include <cstdint>
 
@@ -13,19 +8,10 @@
 
 namespace fvdm::cuda {
 
-inline int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+inline int sm_count() { return device_facts().sm_count; }
 
 // Largest dynamic shared memory one block may opt in to on the current device.
-inline int64_t max_smem_optin() { return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin; }
-
-// fp32 scratch buffer, released (stream-ordered) when it goes out of scope.
-struct Workspace {
-  c10::DataPtr ptr;
-  explicit Workspace(int64_t n_floats)
-      : ptr(c10::cuda::CUDACachingAllocator::get()->allocate(static_cast<size_t>(std::max<int64_t>(n_floats, 1)) *
-                                                             sizeof(float))) {}
-  float* data() const { return static_cast<float*>(ptr.get()); }
-};
+inline int64_t max_smem_optin() { return device_facts().smem_optin; }
 
 // Number of row chunks per frame for a per-frame reduction over `rows` rows, aiming at
 // `blocks_per_sm` resident blocks on every SM, with at least `min_rows` rows per chunk.
@@ -46,9 +32,8 @@ template <typename OutT>
 void launch_reduce_chunks(const float* ws, OutT* out0, OutT* out1, int64_t rows, int64_t W, int64_t split, int chunks,
                           cudaStream_t stream) {
   constexpr int kThreads = 256;
-  reduce_chunks_kernel<OutT><<<grid_for(rows * W, kThreads), kThreads, 0, stream>>>(ws, out0, out1, rows, W, split,
-                                                                                    chunks);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FVDM_LAUNCH_KERNEL(reduce_chunks_kernel<OutT>, grid_for(rows * W, kThreads), kThreads, 0, stream, ws, out0, out1,
+                     rows, W, split, chunks);
 }
 
 }  // namespace fvdm::cuda

@@ -101,7 +101,7 @@ template <typename T>
 __global__ void adaln_fwd_block_kernel(const T* __restrict__ x, const T* __restrict__ shift,
                                        const T* __restrict__ scale, T* __restrict__ y, float* __restrict__ mean_out,
                                        float* __restrict__ rstd_out, int64_t N, int D, float eps) {
-  __shared__ float red[kMaxWarpsPerBlock];
+  FVDM_SHARED(float, red, kMaxWarpsPerBlock);
   const int64_t row = blockIdx.x;
   const T* xr = x + row * D;
   const float inv_d = 1.f / static_cast<float>(D);
@@ -139,7 +139,7 @@ __global__ void adaln_bwd_cols_kernel(const T* __restrict__ gy, const T* __restr
   constexpr int V = vec16<T>();
   constexpr int R = kBwdRows;
   using VT = Vec<T, V>;
-  __shared__ float red[2 * R * kMaxWarpsPerBlock];
+  FVDM_SHARED(float, red, 2 * R * kMaxWarpsPerBlock);
   const int64_t bf = blockIdx.x / chunks;
   const int chunk = blockIdx.x % chunks;
   const int nvec = D / V;
@@ -222,7 +222,7 @@ __global__ void adaln_bwd_generic_kernel(const T* __restrict__ gy, const T* __re
                                          const T* __restrict__ scale, const float* __restrict__ mean,
                                          const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ ws,
                                          int64_t BF, int64_t N, int D, int64_t rows_per_chunk, int chunks) {
-  __shared__ float red[2 * kMaxWarpsPerBlock];
+  FVDM_SHARED(float, red, 2 * kMaxWarpsPerBlock);
   const int64_t bf = blockIdx.x / chunks;
   const int chunk = blockIdx.x % chunks;
   const int64_t n0 = chunk * rows_per_chunk;
@@ -347,14 +347,11 @@ void adaln_fwd_typed(const AdalnFwdParams& p, cudaStream_t stream) {
   if (fast) {
     const int64_t blocks = ceil_div(rows, kFwdWarps);
     check_sizes(p.D, blocks);
-    adaln_fwd_warp_kernel<T><<<static_cast<unsigned>(blocks), kFwdWarps * kWarp, 0, stream>>>(
-        x, shift, scale, y, mean, rstd, rows, p.N, D, eps);
+    FVDM_LAUNCH_KERNEL(adaln_fwd_warp_kernel<T>, static_cast<unsigned>(blocks), kFwdWarps * kWarp, 0, stream, x, shift, scale, y, mean, rstd, rows, p.N, D, eps);
   } else {
     check_sizes(p.D, rows);
-    adaln_fwd_block_kernel<T><<<static_cast<unsigned>(rows), threads_for_columns(p.D, 256), 0, stream>>>(
-        x, shift, scale, y, mean, rstd, p.N, D, eps);
+    FVDM_LAUNCH_KERNEL(adaln_fwd_block_kernel<T>, static_cast<unsigned>(rows), threads_for_columns(p.D, 256), 0, stream, x, shift, scale, y, mean, rstd, p.N, D, eps);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
@@ -375,13 +372,10 @@ void adaln_bwd_typed(const AdalnBwdParams& p, cudaStream_t stream) {
   const bool fast = p.D % V == 0 && p.D / V <= kMaxWarpsPerBlock * kWarp && is_aligned(gy, 16) &&
                     is_aligned(x, 16) && is_aligned(scale, 16) && is_aligned(dx, 16);
   if (fast) {
-    adaln_bwd_cols_kernel<T><<<static_cast<unsigned>(blocks), threads_for_columns(p.D / V, 1024), 0, stream>>>(
-        gy, x, scale, mean, rstd, dx, ws.data(), p.BF, p.N, D, rows_per_chunk, chunks);
+    FVDM_LAUNCH_KERNEL(adaln_bwd_cols_kernel<T>, static_cast<unsigned>(blocks), threads_for_columns(p.D / V, 1024), 0, stream, gy, x, scale, mean, rstd, dx, ws.data(), p.BF, p.N, D, rows_per_chunk, chunks);
   } else {
-    adaln_bwd_generic_kernel<T><<<static_cast<unsigned>(blocks), threads_for_columns(p.D, 256), 0, stream>>>(
-        gy, x, scale, mean, rstd, dx, ws.data(), p.BF, p.N, D, rows_per_chunk, chunks);
+    FVDM_LAUNCH_KERNEL(adaln_bwd_generic_kernel<T>, static_cast<unsigned>(blocks), threads_for_columns(p.D, 256), 0, stream, gy, x, scale, mean, rstd, dx, ws.data(), p.BF, p.N, D, rows_per_chunk, chunks);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_reduce_chunks<T>(ws.data(), static_cast<T*>(p.dshift), static_cast<T*>(p.dscale), p.BF, 2 * p.D, p.D, chunks,
                           stream);
 }
@@ -399,13 +393,10 @@ void gated_fwd_typed(const GatedResidualFwdParams& p, cudaStream_t stream) {
   const bool fast = p.D % V == 0 && is_aligned(x, 16) && is_aligned(h, 16) && is_aligned(gate, 16) &&
                     is_aligned(out, 16);
   if (fast) {
-    gated_fwd_kernel<T, V><<<grid_for(total / V, kThreads), kThreads, 0, stream>>>(x, h, gate, out, total / V,
-                                                                                   p.N * p.D, static_cast<int>(p.D));
+    FVDM_LAUNCH_KERNEL((gated_fwd_kernel<T, V>), grid_for(total / V, kThreads), kThreads, 0, stream, x, h, gate, out, total / V, p.N * p.D, static_cast<int>(p.D));
   } else {
-    gated_fwd_kernel<T, 1><<<grid_for(total, kThreads), kThreads, 0, stream>>>(x, h, gate, out, total, p.N * p.D,
-                                                                               static_cast<int>(p.D));
+    FVDM_LAUNCH_KERNEL((gated_fwd_kernel<T, 1>), grid_for(total, kThreads), kThreads, 0, stream, x, h, gate, out, total, p.N * p.D, static_cast<int>(p.D));
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
@@ -423,13 +414,10 @@ void gated_bwd_typed(const GatedResidualBwdParams& p, cudaStream_t stream) {
   const bool fast = p.D % V == 0 && is_aligned(go, 16) && is_aligned(h, 16) && is_aligned(gate, 16) &&
                     is_aligned(dh, 16);
   if (fast) {
-    gated_bwd_kernel<T, V><<<static_cast<unsigned>(blocks), threads_for_columns(p.D / V, 256), 0, stream>>>(
-        go, h, gate, dh, ws.data(), p.BF, p.N, static_cast<int>(p.D), rows_per_chunk, chunks);
+    FVDM_LAUNCH_KERNEL((gated_bwd_kernel<T, V>), static_cast<unsigned>(blocks), threads_for_columns(p.D / V, 256), 0, stream, go, h, gate, dh, ws.data(), p.BF, p.N, static_cast<int>(p.D), rows_per_chunk, chunks);
   } else {
-    gated_bwd_kernel<T, 1><<<static_cast<unsigned>(blocks), threads_for_columns(p.D, 256), 0, stream>>>(
-        go, h, gate, dh, ws.data(), p.BF, p.N, static_cast<int>(p.D), rows_per_chunk, chunks);
+    FVDM_LAUNCH_KERNEL((gated_bwd_kernel<T, 1>), static_cast<unsigned>(blocks), threads_for_columns(p.D, 256), 0, stream, go, h, gate, dh, ws.data(), p.BF, p.N, static_cast<int>(p.D), rows_per_chunk, chunks);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto* dgate = static_cast<T*>(p.dgate);
   launch_reduce_chunks<T>(ws.data(), dgate, dgate, p.BF, p.D, p.D, chunks, stream);
 }

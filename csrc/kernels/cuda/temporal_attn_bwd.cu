@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kWarps* kWarp)
     attn_bwd_tc_kernel(const TemporalAttnBwdParams bp, const BwdConfig cfg) {
   using S = TileShape<kDh>;
   const TemporalAttnFwdParams& p = bp.fwd;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FVDM_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int F = static_cast<int>(p.F), Fp = cfg.f_pad, tokens = cfg.tokens;
   const int64_t N = p.N, H = p.H;
   const int64_t h = blockIdx.x % H;
@@ -58,7 +58,8 @@ __global__ void __launch_bounds__(kWarps* kWarp)
   float* stats = reinterpret_cast<float*>(tiles + 4 * tokens * tile);  // [token][lse2 | Dsum][Fp]
   uint8_t* kallow = reinterpret_cast<uint8_t*>(stats + 2 * tokens * Fp);
 
-  const AttnStrides cs = contiguous_strides(F, N, H, kDh);  // out, grad_out and the gradients
+  const AttnStrides cs = contiguous_strides(F, N, H, kDh);  // out and grad_out
+  const AttnStrides gs = grad_strides(F, N, kDh, bp.grad_row_stride);
   const auto* q = static_cast<const uint16_t*>(p.q);
   const auto* k = static_cast<const uint16_t*>(p.k);
   const auto* v = static_cast<const uint16_t*>(p.v);
@@ -173,7 +174,7 @@ __global__ void __launch_bounds__(kWarps* kWarp)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         if (keys[i] >= F) continue;
-        const int64_t off = offset_of(cs, b, keys[i], n, h);
+        const int64_t off = offset_of(gs, b, keys[i], n, h);
 #pragma unroll
         for (int dn = 0; dn < S::kNTiles; ++dn) {
           const int d = dn * 8 + 2 * tq;
@@ -236,7 +237,7 @@ __global__ void __launch_bounds__(kWarps* kWarp)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         if (rows[i] >= F) continue;
-        const int64_t off = offset_of(cs, b, rows[i], n, h);
+        const int64_t off = offset_of(gs, b, rows[i], n, h);
 #pragma unroll
         for (int dn = 0; dn < S::kNTiles; ++dn)
           *reinterpret_cast<uint32_t*>(dqp + off + dn * 8 + 2 * tq) =
@@ -343,7 +344,7 @@ __global__ void __launch_bounds__(kGenericWarps* kWarp)
       }
     }
   }
-  T* dqr = static_cast<T*>(bp.dq) + coff;
+  T* dqr = static_cast<T*>(bp.dq) + offset_of(grad_strides(F, N, Dh, bp.grad_row_stride), r.b, r.f, r.n, r.h);
   const float scale = static_cast<float>(p.scale);
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) {
@@ -394,9 +395,9 @@ __global__ void __launch_bounds__(kGenericWarps* kWarp)
       }
     }
   }
-  const int64_t coff = offset_of(cs, r.b, r.f, r.n, r.h);
-  T* dkr = static_cast<T*>(bp.dk) + coff;
-  T* dvr = static_cast<T*>(bp.dv) + coff;
+  const int64_t goff = offset_of(grad_strides(F, N, Dh, bp.grad_row_stride), r.b, r.f, r.n, r.h);
+  T* dkr = static_cast<T*>(bp.dk) + goff;
+  T* dvr = static_cast<T*>(bp.dv) + goff;
   const float scale = static_cast<float>(p.scale);
 #pragma unroll
   for (int e = 0; e < kPerLane; ++e) {
@@ -413,13 +414,9 @@ __global__ void __launch_bounds__(kGenericWarps* kWarp)
 
 template <typename T, int kDh>
 void launch_bwd_tc(const TemporalAttnBwdParams& bp, const BwdConfig& cfg, int64_t smem, cudaStream_t stream) {
-  auto kernel = attn_bwd_tc_kernel<T, kDh>;
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const int64_t blocks = bp.fwd.B * cfg.n_tiles * bp.fwd.H;
   TORCH_CHECK(blocks <= INT32_MAX, "fvdm: temporal_attention_backward: too many (b, n, h) for one launch");
-  kernel<<<static_cast<unsigned>(blocks), kWarps * kWarp, static_cast<size_t>(smem), stream>>>(bp, cfg);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FVDM_LAUNCH_KERNEL((attn_bwd_tc_kernel<T, kDh>), static_cast<unsigned>(blocks), kWarps * kWarp, static_cast<size_t>(smem), stream, bp, cfg);
 }
 
 template <typename T>
@@ -454,12 +451,8 @@ void bwd_typed(const TemporalAttnBwdParams& bp, cudaStream_t stream) {
   const int64_t blocks = ceil_div(rows, kGenericWarps);
   TORCH_CHECK(blocks <= INT32_MAX, "fvdm: temporal_attention_backward: too many rows for one launch");
   Workspace dsum(rows);
-  attn_bwd_dq_generic_kernel<T>
-      <<<static_cast<unsigned>(blocks), kGenericWarps * kWarp, 0, stream>>>(bp, dsum.data(), scale_log2);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  attn_bwd_dkdv_generic_kernel<T>
-      <<<static_cast<unsigned>(blocks), kGenericWarps * kWarp, 0, stream>>>(bp, dsum.data(), scale_log2);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FVDM_LAUNCH_KERNEL(attn_bwd_dq_generic_kernel<T>, static_cast<unsigned>(blocks), kGenericWarps * kWarp, 0, stream, bp, dsum.data(), scale_log2);
+  FVDM_LAUNCH_KERNEL(attn_bwd_dkdv_generic_kernel<T>, static_cast<unsigned>(blocks), kGenericWarps * kWarp, 0, stream, bp, dsum.data(), scale_log2);
 }
 
 }  // namespace

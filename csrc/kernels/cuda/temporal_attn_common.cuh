@@ -16,9 +16,6 @@
 // (kDhK = head dim rounded up to 16): the 8-element pad makes the 32-bit fragment loads of the
 // 8 row groups land in distinct banks.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -108,6 +105,8 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
+#elif defined(FVDM_CUDA_EMULATION)
+  ::fvdm::emu::mma_m16n8k16<T>(d, a, b);
 #else
   __trap();  // the launcher only picks this path on sm_80+
 #endif
@@ -188,6 +187,12 @@ __host__ __device__ inline AttnStrides contiguous_strides(int64_t F, int64_t N, 
   return {F * N * H * Dh, N * H * Dh, H * Dh, Dh};
 }
 
+// Strides of the gradients dq, dk, dv: (b, f, n) rows `row_stride` elements apart (H * Dh for
+// three tensors, 3 * H * Dh inside one packed (B, F, N, 3, H, Dh) gradient).
+__host__ __device__ inline AttnStrides grad_strides(int64_t F, int64_t N, int64_t Dh, int64_t row_stride) {
+  return {F * N * row_stride, N * row_stride, row_stride, Dh};
+}
+
 // ------------------------------------------------------------------------------------------
 // host-side eligibility
 
@@ -200,9 +205,6 @@ inline bool rows_aligned(const void* p, const AttnStrides& s, int bytes) {
   return is_aligned(p, bytes) && strides_multiple_of(s, bytes / 2);
 }
 
-inline bool device_has_mma() {
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
-  return prop->major >= 8;
-}
+inline bool device_has_mma() { return device_facts().major >= 8; }
 
 }  // namespace fvdm::cuda::attn

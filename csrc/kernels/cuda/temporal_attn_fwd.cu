@@ -35,7 +35,7 @@ struct FwdConfig {
 template <typename T, int kDh>
 __global__ void __launch_bounds__(kWarps* kWarp) attn_fwd_tc_kernel(const TemporalAttnFwdParams p, const FwdConfig cfg) {
   using S = TileShape<kDh>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FVDM_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int F = static_cast<int>(p.F), Fp = cfg.f_pad, tokens = cfg.tokens;
   const int64_t N = p.N, H = p.H;
   const int64_t h = blockIdx.x % H;
@@ -228,13 +228,9 @@ __global__ void __launch_bounds__(kGenericWarps* kWarp)
 
 template <typename T, int kDh>
 void launch_fwd_tc(const TemporalAttnFwdParams& p, const FwdConfig& cfg, int64_t smem, cudaStream_t stream) {
-  auto kernel = attn_fwd_tc_kernel<T, kDh>;
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const int64_t blocks = p.B * cfg.n_tiles * p.H;
   TORCH_CHECK(blocks <= INT32_MAX, "fvdm: temporal_attention: too many (b, n, h) for one launch");
-  kernel<<<static_cast<unsigned>(blocks), kWarps * kWarp, static_cast<size_t>(smem), stream>>>(p, cfg);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FVDM_LAUNCH_KERNEL((attn_fwd_tc_kernel<T, kDh>), static_cast<unsigned>(blocks), kWarps * kWarp, static_cast<size_t>(smem), stream, p, cfg);
 }
 
 // Shared memory of the tensor-core forward for `tokens` tokens per block.
@@ -271,8 +267,7 @@ void fwd_typed(const TemporalAttnFwdParams& p, cudaStream_t stream) {
   const int64_t rows = p.B * p.N * p.H * p.F;
   const int64_t blocks = ceil_div(rows, kGenericWarps);
   TORCH_CHECK(blocks <= INT32_MAX, "fvdm: temporal_attention: too many rows for one launch");
-  attn_fwd_generic_kernel<T><<<static_cast<unsigned>(blocks), kGenericWarps * kWarp, 0, stream>>>(p, scale_log2);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FVDM_LAUNCH_KERNEL(attn_fwd_generic_kernel<T>, static_cast<unsigned>(blocks), kGenericWarps * kWarp, 0, stream, p, scale_log2);
 }
 
 }  // namespace
