@@ -72,7 +72,7 @@ def build_model(cfg: Config, backend: str | None = None) -> Latte:
         lc = latte_config(
             m.size, input_size=size, in_channels=channels, num_frames=frames, mlp_ratio=m.mlp_ratio,
             num_classes=m.num_classes, class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
-            learned_pos_embed=m.learned_pos_embed, grad_checkpointing=m.grad_checkpointing,
+            learned_pos_embed=m.learned_pos_embed, gelu=m.gelu, grad_checkpointing=m.grad_checkpointing,
             self_condition=m.self_condition, conv_head=m.conv_head, conv_head_layers=m.conv_head_layers,
             block_pattern=m.block_pattern, **overrides,
         )

@@ -162,6 +162,7 @@ def bench_model(
     dtype: Annotated[str, typer.Option(help="fp32, or bf16 (autocast)")] = "fp32",
     steps: Annotated[int, typer.Option(min=1, help="timed steps per measurement")] = 3,
     variants: Annotated[str, typer.Option(help="comma list of fused, reference, compiled")] = "fused,reference,compiled",
+    gelu: Annotated[str, typer.Option(help="the MLP's GELU: exact, or tanh (the paper configs)")] = "exact",
     profile: Annotated[bool, typer.Option(help="also split one training step's operator time into Linear layers, "
                                                "SDPA, fvdm ops and the rest, and print the most the fused ops "
                                                "could give")] = False,
@@ -177,9 +178,11 @@ def bench_model(
         fail(f"unknown model size {size!r}; choose from {', '.join(LATTE_SIZES)}")
     if dtype not in ("fp32", "bf16"):
         fail(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    if gelu not in ("exact", "tanh"):
+        fail(f"--gelu must be exact or tanh, got {gelu!r}")
     names = _split(variants, list(mb.VARIANTS), "variant")
     cfg = mb.ModelBenchConfig(size=size, batch=batch, frames=frames, dtype=dtype, steps=steps, device=dev.type,
-                              profile=profile)
+                              profile=profile, gelu=gelu)
     rows = []
     with progress() as bar:
         task = bar.add_task("model bench", total=len(names))
@@ -188,7 +191,8 @@ def bench_model(
             rows.extend(mb.run(cfg, [name]))
             bar.advance(task)
     base = {r["variant"]: r for r in rows if "error" not in r}
-    table = Table(title=f"fvdm model {size}, B{batch} F{frames} {cfg.latent_size}x{cfg.latent_size}x{cfg.channels}, {dtype}, {dev.type}")
+    table = Table(title=f"fvdm model {size}, B{batch} F{frames} {cfg.latent_size}x{cfg.latent_size}x{cfg.channels}, {dtype}, "
+                        f"{gelu} GELU, {dev.type}")
     mem_key = "train_step_peak_mib" if dev.type == "cuda" else "peak_rss_mib"
     for col in ["variant", "train step ms", "sample step ms", "peak MiB", "train vs fused"]:
         table.add_column(col, justify="left" if col == "variant" else "right")
@@ -222,7 +226,8 @@ def bench_model(
             if other in base:
                 for k in ("train_step_ms", "sample_step_ms"):
                     base["fused"][f"{k.split('_ms')[0]}_speedup_vs_{other}"] = base[other][k] / base["fused"][k]
-    path = write_results(f"model-{size.replace('/', '')}-{dtype}", dev, {"config": vars(cfg), "rows": rows, **extra}, out)
+    name = f"model-{size.replace('/', '')}-{dtype}" + ("-tanh" if gelu == "tanh" else "")
+    path = write_results(name, dev, {"config": vars(cfg), "rows": rows, **extra}, out)
     console.print(f"results written to {path}")
 
 

@@ -38,7 +38,8 @@ class ModelConfig:
     num_classes: int = 0  # > 0: class-conditional (UCF101: 101), labels from the data
     class_dropout_prob: float = 0.1  # label -> null during training, for classifier-free guidance
     learn_sigma: bool = False  # the official recipe learns the variance (DDPM only)
-    learned_pos_embed: bool = True
+    learned_pos_embed: bool = True  # false: fixed sin-cos tables, as the official code has them
+    gelu: str = "exact"  # exact | tanh (DiT / Latte / official FVDM; their weights need it; slower on the CPU)
     grad_checkpointing: bool = False
     self_condition: bool = False  # also feed the previous clean estimate (Chen et al. 2022); 2 passes on half the clips
     conv_head: int = 0  # > 0: a 3x3 conv over whole frames after the patch Linear (U-ViT), with this many channels
@@ -75,6 +76,9 @@ class DiffusionConfig:
     # Share of clips trained with a clean prefix of 1..F-1 frames held (time "clean", out of the
     # loss), as extension and image-to-video sample them; 0: PTSS alone (the paper)
     clean_prefix_p: float = 0.0
+    # With model.learn_sigma, which frames at t = 0 take the VB term's decoder NLL: frame (each
+    # frame at 0) | clip (the official rule: every frame of the clip, only when all are at 0)
+    vb_t0: str = "frame"
 
 
 @dataclass
@@ -107,6 +111,9 @@ class TrainConfig:
 class SampleConfig:
     method: str | None = None  # ddpm | ddim | euler; None: ddim for DDPM schedules, euler for flow
     steps: int = 50
+    # DDPM timesteps of the steps (fvdm.diffusion.spacing): floor (980, 960, ..., 0 for 50) |
+    # official (the official sample scripts' respacing "50": 999, 979, ..., 20, 0) | official-ddim ("ddim50")
+    spacing: str = "floor"
     eta: float = 0.0
     noise_scale: float = 1.0  # temperature of each step's fresh noise (ddpm, ddim eta > 0); 1: exact
     clip_x0: float | None = None  # clamp each step's x0 estimate to [-c, c]; None (the reference): no clamp
@@ -140,6 +147,9 @@ class Config:
         _check_choice("train.lr_schedule", self.train.lr_schedule, ("constant", "cosine"))
         _check_choice("train.precision", self.train.precision, ("fp32", "bf16"))
         _check_choice("model.backend", self.model.backend, ("fused", "reference", "auto"))
+        _check_choice("model.gelu", self.model.gelu, ("exact", "tanh"))
+        _check_choice("diffusion.vb_t0", self.diffusion.vb_t0, ("frame", "clip"))
+        _check_choice("sample.spacing", self.sample.spacing, ("floor", "official", "official-ddim"))
         if self.sample.method is not None:
             _check_choice("sample.method", self.sample.method, ("ddpm", "ddim", "euler"))
         if self.train.max_minutes is not None and not self.train.max_minutes > 0:

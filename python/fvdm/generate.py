@@ -115,7 +115,10 @@ def generate(
         raise UserError(f"the skip-guidance scale (sample.stg_scale) must be a finite number >= 0, got {stg_scale}")
     model_fn = skip_guidance(_model_fn(model, cfg, num_videos, labels, guidance_scale, device), stg_scale)
     g = torch.Generator(device).manual_seed(seed)
-    ladder = ladder_for(schedule, steps)
+    try:
+        ladder = ladder_for(schedule, steps, sc.spacing)
+    except ValueError as e:  # steps the spacing cannot give (more than T, no exact ddim stride)
+        raise UserError(f"sample.steps / sample.spacing: {e}") from None
     kwargs = dict(method=method, objective=cfg.diffusion.objective, eta=eta, noise_scale=noise_scale,
                   learn_sigma=cfg.model.learn_sigma,
                   generator=g, device=device, backend=model.backend, conditioning=conditioning,

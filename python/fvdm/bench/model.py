@@ -33,6 +33,7 @@ class ModelBenchConfig:
     warmup: int = 1
     device: str = "cpu"
     profile: bool = False  # also split one training step's operator time by op_class
+    gelu: str = "exact"  # the MLP's GELU: exact | tanh
 
 
 OP_CLASSES = ("linear", "sdpa", "fvdm", "other")
@@ -88,7 +89,7 @@ def _measure_inner(variant: str, cfg: ModelBenchConfig) -> dict:
     torch.manual_seed(0)
     backend = "fused" if variant == "fused" else "reference"
     model = latte(cfg.size, backend=backend, num_frames=cfg.frames, input_size=cfg.latent_size,
-                  in_channels=cfg.channels, learn_sigma=True).to(device)
+                  in_channels=cfg.channels, learn_sigma=True, gelu=cfg.gelu).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     fn = torch.compile(model) if variant == "compiled" else model
     schedule = make_schedule("linear")

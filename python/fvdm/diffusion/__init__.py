@@ -32,6 +32,7 @@ from fvdm.diffusion.schedules import (
     linear_betas,
     make_schedule,
 )
+from fvdm.diffusion.spacing import SPACINGS, space_timesteps, spaced_ladder
 from fvdm.diffusion.tasks import (
     ddpm_ladder,
     extension,
@@ -79,6 +80,9 @@ __all__ = [
     "ddpm_schedule",
     "linear_betas",
     "make_schedule",
+    "SPACINGS",
+    "space_timesteps",
+    "spaced_ladder",
     "ddpm_ladder",
     "extension",
     "flow_ladder",

@@ -23,6 +23,7 @@ from fvdm.diffusion._common import held_mask, per_frame, randn_like_shape
 from fvdm.ops import get_backend
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B,F,C,H,W), t (B,F)) -> out
+VB_T0_RULES = ("frame", "clip")  # which frames at t = 0 take the decoder NLL (vb_term)
 
 
 class LossOutput(NamedTuple):
@@ -74,10 +75,20 @@ def vb_term(
     var_values: torch.Tensor,
     objective: str,
     ops,
+    t0_rule: str = "frame",
+    t0_ignore: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-frame VB term (B, F) in bits/dim for one-step posteriors q(x_{t-1} | x_t, x0):
     KL to the model's Gaussian for t > 0, discretised decoder NLL at t = 0. The model's
-    log-variance interpolates log beta~_t and log beta_t with frac = (v + 1) / 2."""
+    log-variance interpolates log beta~_t and log beta_t with frac = (v + 1) / 2.
+
+    t0_rule (VB_T0_RULES) says which frames take the decoder NLL. "frame": every frame at
+    t = 0, the term the bound has for that frame. "clip": the official code's rule, all frames
+    of a clip when every frame of it is at t = 0, else none (a frame at 0 in a clip of mixed
+    times then gets the KL against the posterior's clipped variance). t0_ignore: (B, F) bool,
+    frames the clip rule does not look at (held frames, which sit at t = 0 anyway)."""
+    if t0_rule not in VB_T0_RULES:
+        raise ValueError(f"unknown t0_rule {t0_rule!r}; choose one of {VB_T0_RULES}")
     dev = x0.device
 
     def lookup(table: torch.Tensor) -> torch.Tensor:  # (B, F, 1, ...) in x's dtype
@@ -97,7 +108,11 @@ def vb_term(
 
     kl = frame_mean(normal_kl(true_mean, true_logvar, model_mean, model_logvar)) / math.log(2.0)
     nll = -frame_mean(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar)) / math.log(2.0)
-    return torch.where(t == 0, nll, kl)
+    at_zero = t == 0
+    if t0_rule == "clip":
+        looked_at = at_zero if t0_ignore is None else at_zero | t0_ignore
+        at_zero = looked_at.all(dim=1, keepdim=True).expand_as(t)
+    return torch.where(at_zero, nll, kl)
 
 
 def _self_condition_input(model_fn, schedule, x_t, model_t, t, use, objective, C, ops) -> torch.Tensor:
@@ -144,6 +159,7 @@ def diffusion_loss(
     frame_weights: torch.Tensor | None = None,
     learn_sigma: bool = False,
     self_condition: torch.Tensor | None = None,
+    vb_t0: str = "frame",
     backend: str = "auto",
 ) -> LossOutput:
     """Loss of model_fn on clean clips x0 (B, F, C, H, W) at per-frame times t (B, F) (or (B,)).
@@ -155,7 +171,9 @@ def diffusion_loss(
     bool mask of the clips that first get the model's own x0 estimate (a no-grad pass with
     zeros over those clips only, called with rows=their indices in the batch so that a model_fn
     holding per-clip inputs of its own, like class labels, can pick theirs), the others get
-    zeros (Chen et al. 2022 draw it with probability 1/2). None: the model takes no estimate."""
+    zeros (Chen et al. 2022 draw it with probability 1/2). None: the model takes no estimate.
+    vb_t0: which frames at t = 0 get the VB term's decoder NLL, "frame" or the official "clip"
+    rule (vb_term)."""
     check_objective(objective)
     ops = get_backend(backend)
     if x0.dim() < 3:
@@ -207,6 +225,6 @@ def diffusion_loss(
     loss = weighted_frame_mean(mse, weights)
     vb = None
     if learn_sigma:
-        vb = vb_term(schedule, x0, x_t, t, pred, out[:, :, C:], objective, ops)
+        vb = vb_term(schedule, x0, x_t, t, pred, out[:, :, C:], objective, ops, vb_t0, held)
         loss = loss + weighted_frame_mean(vb.float(), weights)
     return LossOutput(loss=loss, mse=mse, vb=vb, weights=weights)

@@ -3,7 +3,8 @@
 A task is (S, held): S of shape (steps + 1, F), per-frame times going from noisy to clean
 down each column, and held, a bool (F,) mask of frames given clean (their column of S is the
 clean time throughout, which is what the sampler enforces anyway). Everything starts from a
-ladder: the ordinary scalar schedule, e.g. DDIM-50 [980, 960, ..., 0, -1] or flow
+ladder: the ordinary scalar schedule, e.g. DDIM-50 [980, 960, ..., 0, -1] (or the official
+scripts' [999, 979, ..., 20, 0, -1], spacing "official") or flow
 [1, ..., 0]; with equal columns it is plain scalar sampling.
 """
 
@@ -15,6 +16,7 @@ import torch
 
 from fvdm.diffusion.samplers import ModelFn, sample
 from fvdm.diffusion.schedules import FlowSchedule, Schedule
+from fvdm.diffusion.spacing import spaced_ladder
 
 Task = tuple[torch.Tensor, torch.Tensor]  # (S (steps + 1, F), held (F,) bool)
 
@@ -23,13 +25,12 @@ Task = tuple[torch.Tensor, torch.Tensor]  # (S (steps + 1, F), held (F,) bool)
 
 
 def ddpm_ladder(steps: int, num_timesteps: int = 1000) -> torch.Tensor:
-    """(steps + 1,) int64: timesteps floor(i * T / steps) from high to low, then -1 (clean).
-    steps = 50, T = 1000 gives 980, 960, ..., 20, 0, -1 (DDIM-50 as the reference samples);
-    steps = T gives every timestep."""
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must lie in [1, {num_timesteps}], got {steps}")
-    t = torch.arange(steps, dtype=torch.int64) * num_timesteps // steps
-    return torch.cat([t.flip(0), torch.tensor([-1])])
+    """(steps + 1,) int64: timesteps floor(i * T / steps) from high to low, then -1 (clean):
+    the "floor" spacing. steps = 50, T = 1000 gives 980, 960, ..., 20, 0, -1, the official
+    code's "ddim50" respacing, but not the ladder its sample scripts run (their "50": 999,
+    979, ..., 20, 0; spacing "official", see fvdm.diffusion.spacing). steps = T gives every
+    timestep."""
+    return spaced_ladder(steps, num_timesteps, "floor")
 
 
 def flow_ladder(steps: int) -> torch.Tensor:
@@ -39,10 +40,12 @@ def flow_ladder(steps: int) -> torch.Tensor:
     return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
 
 
-def ladder_for(schedule: Schedule, steps: int) -> torch.Tensor:
+def ladder_for(schedule: Schedule, steps: int, spacing: str = "floor") -> torch.Tensor:
+    """The scalar ladder of `steps` steps: flow times for a flow schedule (spacing does not
+    apply), else the DDPM timesteps of `spacing` (fvdm.diffusion.spacing.SPACINGS)."""
     if isinstance(schedule, FlowSchedule):
         return flow_ladder(steps)
-    return ddpm_ladder(steps, schedule.num_timesteps)
+    return spaced_ladder(steps, schedule.num_timesteps, spacing)
 
 
 # ----------------------------------------------------------------------------- tasks

@@ -48,6 +48,10 @@ class LatteConfig:
     # temporal block). learned_pos_embed=True makes both tables parameters initialised to the
     # same sin-cos values, as DESIGN.md asks; False reproduces the official fixed buffers.
     learned_pos_embed: bool = True
+    # The MLP's GELU: "exact" (erf) or "tanh", the approximation DiT, Latte and the official
+    # FVDM code use. Their weights give their outputs only with "tanh"; the two forms differ
+    # by at most ~5e-4 per activation, and on the CPU the tanh form is the slower (README).
+    gelu: str = "exact"
     grad_checkpointing: bool = False
     # Self-conditioning (Chen et al. 2022, "Analog Bits"): the network also sees an earlier
     # estimate of the clean frames (zeros when there is none), concatenated to x by channel.
@@ -87,6 +91,8 @@ class LatteConfig:
             raise ValueError(f"conv_head must be >= 0 (0: off), got {self.conv_head}")
         if self.conv_head_layers < 1:
             raise ValueError(f"conv_head_layers must be >= 1, got {self.conv_head_layers}")
+        if self.gelu not in GELU_FORMS:
+            raise ValueError(f"gelu must be one of {', '.join(GELU_FORMS)}, got {self.gelu!r}")
         if not self.block_pattern or set(self.block_pattern) - set(BLOCK_KINDS):
             raise ValueError(
                 f"block_pattern must be a non-empty string of {'/'.join(BLOCK_KINDS)} "
@@ -221,16 +227,21 @@ class TemporalAttention(_Attention):
 # ----------------------------------------------------------------------------- blocks
 
 
+GELU_FORMS = ("exact", "tanh")
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """fc1 -> GELU -> fc2. gelu "exact" (erf) or "tanh" (DiT / Latte / official FVDM): on the
+    CPU the tanh form is ~4x slower (0.83 vs 0.19 ms on the demo's (1024, 768) bf16)."""
+
+    def __init__(self, dim: int, hidden: int, gelu: str = "exact"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.approximate = "tanh" if gelu == "tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Exact (erf) GELU, not DiT's tanh form: they differ by at most 5e-4, and on the CPU the
-        # tanh form is ~4x slower (0.83 vs 0.19 ms on the demo's (1024, 768) bf16).
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 BLOCK_KINDS = {"S": SpatialAttention, "T": TemporalAttention, "J": JointAttention}
@@ -240,11 +251,11 @@ class LatteBlock(nn.Module):
     """adaLN-zero transformer block, conditioned per frame by c (B, F, D); kind is a
     BLOCK_KINDS letter: spatial, temporal or joint space-time attention."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kind: str = "S"):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kind: str = "S", gelu: str = "exact"):
         super().__init__()
         self.kind = kind
         self.attn = BLOCK_KINDS[kind](dim, num_heads)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, ops, frame_local: bool = False) -> torch.Tensor:
@@ -322,7 +333,9 @@ class Latte(nn.Module):
             self.register_buffer("temp_embed", temporal, persistent=False)
 
         kinds = config.block_kinds()
-        self.blocks = nn.ModuleList(LatteBlock(D, config.num_heads, config.mlp_ratio, kind) for kind in kinds)
+        self.blocks = nn.ModuleList(
+            LatteBlock(D, config.num_heads, config.mlp_ratio, kind, config.gelu) for kind in kinds
+        )
         # The temporal table goes in once, before the first block that mixes frames.
         self.temp_embed_at = next((i for i, k in enumerate(kinds) if k != "S"), config.depth)
         head = config.conv_head or config.out_channels

@@ -229,7 +229,8 @@ class Trainer:
         with autocast:
             out = diffusion_loss(model_fn, self.schedule, x0, t,
                                  objective=cfg.diffusion.objective, noise=noise, learn_sigma=cfg.model.learn_sigma,
-                                 held=held, self_condition=self_cond, frame_weights=weights, backend=self.model.backend)
+                                 held=held, self_condition=self_cond, frame_weights=weights, vb_t0=cfg.diffusion.vb_t0,
+                                 backend=self.model.backend)
         loss = out.loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower train.lr or set train.grad_clip")
