@@ -1,4 +1,4 @@
-"""Command line: `python -m fvdm train | sample | eval | bench | info`."""
+"""Command line: `python -m fvdm train | sample | eval | convert | bench | info`."""
 
 from __future__ import annotations
 
@@ -582,6 +582,69 @@ def eval_fvd(
     if "fid" in result:
         line += f", fid_clip_frames = {result['fid']['value']:.4f}"
     console.print(f"{line}  (subsample {stride}, seed {seed}, I3D sha256 {detector.sha256[:12]}); written to {out}")
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def convert(
+    src: Annotated[Path, typer.Argument(help="import: an official FVDM / Latte .pt (or .safetensors); "
+                                              "--to: an fvdm run or checkpoint directory", show_default=False)],
+    overrides: OverridesArg = None,
+    out: Annotated[Path, typer.Option(help="import: the run directory to write; --to: the .pt to write",
+                                      show_default=False)] = ...,
+    from_layout: Annotated[str, typer.Option("--from", help="import: the checkpoint's layout, official | latte "
+                                                           "(auto: from its names)")] = "auto",
+    to: Annotated[str | None, typer.Option("--to", help="export instead: official | latte")] = None,
+    config: Annotated[str | None, typer.Option("--config", "-c", help="import: start from this config (e.g. the "
+                                               "paper config of the data); default: from the tensors")] = None,
+    size: Annotated[str | None, typer.Option(help="import: model size, e.g. XL/2 (default: from the tensors)")] = None,
+    num_heads: Annotated[int | None, typer.Option(min=1, help="import: attention heads, for a depth/width no "
+                                                  "size has")] = None,
+    num_classes: Annotated[int | None, typer.Option(min=1, help="import: classes, when the class table has no "
+                                                    "null-class row (default: its rows - 1)")] = None,
+    allow_partial: Annotated[bool, typer.Option(help="import: load the tensors that fit, leave the rest at their "
+                                                     "initial values, and say which")] = False,
+    step: Annotated[int, typer.Option(min=0, help="import: the step the run resumes at")] = 0,
+    ckpt: Annotated[Path | None, typer.Option(help="--to: this checkpoint directory (default: the latest "
+                                              "good one)")] = None,
+    allow_exact_gelu: Annotated[bool, typer.Option(help="--to: export a model trained with the exact GELU "
+                                                        "(the official model computes tanh)")] = False,
+) -> None:
+    """Official FVDM / Latte checkpoints in and out.
+
+    Import (default): SRC is a .pt saved by the official or Latte training scripts (loaded with
+    weights_only=True only); writes an fvdm run (config.yaml, a checkpoint with model and EMA
+    weights, convert.json) that sample, eval and train --resume take. Export (--to official):
+    SRC is an fvdm run; writes its weights as an official-layout .pt ({"ema", "model"})."""
+    from fvdm import convert as cv
+
+    if to is not None:
+        if overrides:
+            fail("config overrides apply to an import only, not to --to")
+        done = cv.export_checkpoint(src, out, layout=to, checkpoint=ckpt, allow_exact_gelu=allow_exact_gelu)
+        console.print(f"wrote {done.path} ({done.layout} layout, {' and '.join(done.weights)} weights of "
+                      f"{done.checkpoint})")
+        return
+    result = cv.import_checkpoint(src, out, layout=from_layout, config=config, overrides=overrides or [], size=size,
+                                  num_heads=num_heads, num_classes=num_classes, allow_partial=allow_partial,
+                                  step=step)
+    for name, report in result.reports.items():
+        line = f"{name}: loaded {len(report.loaded)} of the model's {report.model_tensors} tensors"
+        if report.checked_tables:
+            line += f"; fixed {' and '.join(report.checked_tables)} equal the checkpoint's"
+        console.print(line)
+        if report.left_at_init:
+            console.print(f"  left at initial values ({len(report.left_at_init)}): {', '.join(report.left_at_init)}")
+        if report.ignored:
+            console.print(f"  not loaded from the checkpoint ({len(report.ignored)}): "
+                          + ", ".join(f"{k} {report.mismatched[k]}" if k in report.mismatched else k
+                                      for k in report.ignored))
+    m = result.cfg.model
+    console.print(f"wrote run [bold]{result.run_dir}[/] from the {result.layout} checkpoint: model {m.size}"
+                  f"{'' if not m.num_classes else f', {m.num_classes} classes'}, gelu {m.gelu}, "
+                  f"{'learned' if m.learned_pos_embed else 'fixed'} position tables; checkpoint {result.checkpoint}")
 
 
 def main() -> None:
