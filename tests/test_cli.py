@@ -154,9 +154,9 @@ def test_wrong_sizes_and_indices(capsys, run_dir, tmp_path):
     code, _, err = cli(capsys, "sample", "i2v", "--run", str(run_dir), "--image", str(big), "--no-progress")
     assert_one_line_error(code, err, "24x20", "8x8")
     wrong = tmp_path / "wrong.mp4"
-    write_mp4(wrong, 4, 16)
+    write_mp4(wrong, 4, 12)  # not a whole multiple of 8 (those are scaled down)
     code, _, err = cli(capsys, "sample", "extend", "--run", str(run_dir), "--video", str(wrong), "--no-progress")
-    assert_one_line_error(code, err, "16x16")
+    assert_one_line_error(code, err, "12x12")
     clip = tmp_path / "clip.mp4"
     write_mp4(clip, 4, 8)
     code, _, err = cli(capsys, "sample", "interpolate", "--run", str(run_dir), "--video", str(clip),

@@ -14,8 +14,9 @@ from rich.table import Table
 
 import fvdm
 
+HELP_NAMES = {"help_option_names": ["-h", "--help"]}  # subcommands inherit them
 app = typer.Typer(help="fvdm: Frame-Aware Video Diffusion with per-frame timesteps.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+                  pretty_exceptions_enable=False, add_completion=False, context_settings=HELP_NAMES)
 bench_app = typer.Typer(help="Benchmarks: fused kernels vs eager reference vs torch.compile.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 eval_app = typer.Typer(help="Evaluate trained runs.", no_args_is_help=True)
@@ -65,16 +66,25 @@ def _split(value: str, allowed: list[str], what: str) -> list[str]:
     return items
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, auto: bool = False) -> torch.device:
+    choices = "auto, cpu or cuda" if auto else "cpu or cuda"
     try:
         device = torch.device(name)
     except RuntimeError:
-        fail(f"unknown device {name!r}; use cpu or cuda")
+        fail(f"--device {name}: unknown device; use {choices}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA device is available")
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA GPU"
+        fail(f"--device {name}: {why}; use --device cpu" + (" (or auto)" if auto else ""))
     if device.type not in ("cpu", "cuda"):
-        fail(f"unsupported device {name!r}; use cpu or cuda")
+        fail(f"--device {name}: unsupported device; use {choices}")
     return device
+
+
+def _device_option(name: str) -> str:
+    """An auto | cpu | cuda[:N] option, checked here so that its errors name --device."""
+    if name != "auto":
+        _device(name, auto=True)
+    return name
 
 
 def _fmt_ratio(x: float | None) -> str:
@@ -255,7 +265,8 @@ def bench_ablation(
     cfg = arm_config(config, overrides or [], 0.2)
     if cfg.data.kind != "sprites":
         fail(f"bench ablation scores against the sprites' physics: it needs data.kind: sprites, not {cfg.data.kind}")
-    result = run_ablation(config, overrides or [], out_dir, videos=videos, steps=steps, seed=seed, device=device,
+    result = run_ablation(config, overrides or [], out_dir, videos=videos, steps=steps, seed=seed,
+                          device=_device_option(device),
                           progress=show_progress, on_stage=lambda msg: console.print(f"[bold]ablation[/]: {msg}"))
     cols = list(result["columns"])
     table = Table(title=f"PTSS ablation: {config} {' '.join(overrides or [])} ({cfg.train.steps} steps, "
@@ -309,11 +320,13 @@ def train(
     if result.interrupted:
         console.print(f"stopped by {result.interrupted} at step {result.step}; checkpoint {result.checkpoint}")
         raise typer.Exit(code=130 if result.interrupted == "SIGINT" else 143)
-    if result.time_limited:
-        console.print(f"train.max_minutes={cfg.train.max_minutes} reached: stopped at step {result.step} of "
-                      f"{cfg.train.steps} (--resume trains the rest)")
     console.print(f"trained to step {result.step}: checkpoint [bold]{result.checkpoint}[/], "
                   f"loss curve {run_dir / 'loss.png'}, samples {run_dir / 'samples'}")
+    if result.time_limited:
+        console.print(f"[bold yellow]stopped early:[/] the time guard (train.max_minutes={cfg.train.max_minutes}) "
+                      f"stopped training at step {result.step} of {cfg.train.steps}, so the model is under-trained "
+                      f"and its samples will show it. The same command with --resume (`make demo` again, for the "
+                      f"demo) trains the rest.", highlight=False, soft_wrap=True)
     if sample_after:
         sample(task="all", run=run_dir)
 
@@ -330,34 +343,44 @@ def sample(
     video: Annotated[Path | None, typer.Option(help="extend / interpolate: a video file or folder of frames")] = None,
     keyframes: Annotated[str | None, typer.Option(help="interpolate: comma list of frame indices held from --video "
                                                         "(default: first and last)")] = None,
-    frames: Annotated[int | None, typer.Option(help="extend / long: total frames of the result")] = None,
-    num: Annotated[int | None, typer.Option("--num", "-n", help="videos per task (default sample.num_videos)")] = None,
-    steps: Annotated[int | None, typer.Option(help="sampler steps (default sample.steps)")] = None,
-    method: Annotated[str | None, typer.Option(help="ddpm | ddim | euler (default: ddim, or euler for flow)")] = None,
-    eta: Annotated[float | None, typer.Option(help="DDIM eta (0: deterministic)")] = None,
+    frames: Annotated[int | None, typer.Option(help="extend / long: total frames of the result (default: extend "
+                                                    "half a window more, long 4 windows)")] = None,
+    num: Annotated[int | None, typer.Option("--num", "-n", help="videos per task (default: the run's "
+                                                                "sample.num_videos)")] = None,
+    steps: Annotated[int | None, typer.Option(help="sampler steps (default: the run's sample.steps)")] = None,
+    method: Annotated[str | None, typer.Option(help="ddpm | ddim | euler (default: the run's sample.method; where "
+                                                    "that is null, ddim, or euler for flow)")] = None,
+    eta: Annotated[float | None, typer.Option(help="DDIM eta, 0: deterministic (default: the run's "
+                                                   "sample.eta)")] = None,
     noise_scale: Annotated[float | None, typer.Option(help="temperature of each step's fresh noise, ddpm or ddim "
-                                                          "eta > 0 (1: exact; default sample.noise_scale)")] = None,
-    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale (class-conditional models)")] = None,
-    stg: Annotated[float | None, typer.Option(help="spatiotemporal skip guidance scale: pushes the frames to agree "
-                                                   "(0: off; default sample.stg_scale; doubles the sampling cost)")] = None,
+                                                          "eta > 0, 1: exact (default: the run's "
+                                                          "sample.noise_scale)")] = None,
+    guidance: Annotated[float | None, typer.Option(help="classifier-free guidance scale, class-conditional models "
+                                                        "(default: the run's sample.guidance_scale)")] = None,
+    stg: Annotated[float | None, typer.Option(help="spatiotemporal skip guidance scale: pushes the frames to agree; "
+                                                   "0: off, doubles the sampling cost otherwise (default: the run's "
+                                                   "sample.stg_scale)")] = None,
     label: Annotated[int | None, typer.Option(help="class id (class-conditional models)")] = None,
-    lag: Annotated[int, typer.Option(help="rolling: steps between consecutive frames' starts")] = 1,
+    lag: Annotated[int | None, typer.Option(help="rolling: steps between consecutive frames' starts (default 1)")] = None,
     conditioning: Annotated[str, typer.Option(help="how given frames enter: hold (FVDM: clean, at t = 0) | replace "
                                                    "(re-noised to the current time each step, for scalar-timestep "
                                                    "models)")] = "hold",
-    seed: Annotated[int | None, typer.Option(help="sampling seed (default sample.seed)")] = None,
-    ema: Annotated[bool | None, typer.Option("--ema/--no-ema", help="sample the EMA weights (default: the config's "
+    seed: Annotated[int | None, typer.Option(help="sampling seed (default: the run's sample.seed)")] = None,
+    ema: Annotated[bool | None, typer.Option("--ema/--no-ema", help="sample the EMA weights (default: the run's "
                                                                    "sample.use_ema)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    out: Annotated[Path | None, typer.Option(help="output folder (default <run>/samples/<task>)")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (default <run>/samples/<task>, or <task>_2, _3... "
+                                                  "where that holds earlier samples)")] = None,
     show_progress: Annotated[bool, typer.Option("--progress/--no-progress", help="rich progress bar")] = True,
 ) -> None:
     """Generate videos with a trained run, zero-shot: unconditional, image-to-video,
     interpolation / keyframes, extension, long video (sliding window) and rolling diagonal.
 
     Writes per task: video_<i>.mp4 and .gif, contact_sheet.png (given frames outlined) and
-    schedule.png (the per-frame schedule matrix). Without --image / --video the conditioning
-    frames come from held-out clips of the run's data (seed data.seed + 1)."""
+    schedule.png (the per-frame schedule matrix), into a new folder: earlier samples are never
+    overwritten. Without --image / --video the conditioning frames come from held-out clips of
+    the run's data (seed data.seed + 1). Sampler settings not given here come from the run's
+    config.yaml (its sample section)."""
     from fvdm.generate import TASKS, generate
     from fvdm.progress import progress_bar
     from fvdm.runs import data_condition, image_condition, load_run, video_condition, write_outputs
@@ -365,6 +388,8 @@ def sample(
     if task not in TASK_CHOICES:
         fail(f"unknown task {task!r}; choose one of {', '.join(TASK_CHOICES)}")
     _split(conditioning, ["hold", "replace"], "--conditioning")
+    _check_task_options(task, {"--image": image, "--video": video, "--keyframes": keyframes, "--frames": frames,
+                               "--lag": lag})
     for name, value in (("--num", num), ("--steps", steps), ("--frames", frames), ("--lag", lag)):
         if value is not None and value < 1:
             fail(f"{name} must be >= 1, got {value}")
@@ -377,11 +402,14 @@ def sample(
             idx = [int(v) for v in keyframes.split(",") if v.strip()]
         except ValueError:
             fail(f"--keyframes must be a comma list of frame indices like 0,7,15; got {keyframes!r}")
-    loaded = load_run(run, ckpt, use_ema=ema, device=device)
+    loaded = load_run(run, ckpt, use_ema=ema, device=_device_option(device))
     cfg, model = loaded.cfg, loaded.model
+    if model.config.num_classes == 0 and (guidance is not None or label is not None):
+        fail(f"{'--guidance' if guidance is not None else '--label'} is for class-conditional models; "
+             f"this run's model has no classes (model.num_classes: 0)")
     Fw = model.config.num_frames
     tasks = list(TASKS) if task == "all" else [task]
-    base = out or Path(run) / "samples"
+    folders = _sample_folders(Path(run), tasks, out, single=task != "all")
     console.print(f"sampling {', '.join(tasks)} with {loaded.checkpoint} (step {loaded.step}, "
                   f"{'EMA' if loaded.ema else 'raw'} weights)")
     n_videos = num or cfg.sample.num_videos
@@ -400,18 +428,81 @@ def sample(
             result = generate(
                 model, cfg, name, num_videos=n_videos, steps=steps, method=method, eta=eta, noise_scale=noise_scale,
                 seed=cfg.sample.seed if seed is None else seed, device=next(model.parameters()).device,
-                condition=cond, keyframe_indices=idx, total_frames=frames, lag=lag,
+                condition=cond, keyframe_indices=idx, total_frames=frames, lag=1 if lag is None else lag,
                 labels=None if label is None else torch.tensor([label]), guidance_scale=guidance,
                 stg_scale=stg, codec=loaded.codec, conditioning=conditioning,
                 callback=lambda done, total: bar.update(bar_task, completed=done, total=total),
             )
-        task_dir = (base / name) if (task == "all" or out is None) else base
+        task_dir = folders[name]
         written = write_outputs(task_dir, result, fps=cfg.sample.fps)
         console.print(f"[bold]{name}[/]: {result.video.shape[0]} videos of {result.video.shape[1]} frames -> "
-                      f"{task_dir}/ (contact_sheet.png, schedule.png, {len(written['videos'])} mp4/gif)")
+                      f"{task_dir}/ (contact_sheet.png, schedule.png, {len(written['videos'])} mp4/gif)", soft_wrap=True)
         summary = _sprite_summary(cfg, result.video, name)
         if summary:  # its own short line: never wrapped apart
             console.print(summary)
+    note = _undertrained_note(loaded, Path(run))
+    if note:
+        console.print(note, highlight=False, soft_wrap=True)
+
+
+# Which sample options each task reads: any other task would ignore them, so they are an error.
+TASK_OPTIONS = {"--image": ("i2v",), "--video": ("interpolate", "extend"), "--keyframes": ("interpolate",),
+                "--frames": ("extend", "long"), "--lag": ("rolling",)}
+
+
+def _check_task_options(task: str, given: dict[str, object]) -> None:
+    if task == "all":
+        return
+    for option, value in given.items():
+        if value is not None and task not in TASK_OPTIONS[option]:
+            fail(f"{option} is not used by task {task!r} (only by {', '.join(TASK_OPTIONS[option])}); leave it out")
+
+
+def _sample_folders(run: Path, tasks: list[str], out: Path | None, single: bool) -> dict[str, Path]:
+    """Where each task's outputs go. --out: that folder (a task's subfolder for `all`), as
+    asked. Default <run>/samples/<task>; where one of those already holds files, every task
+    of this call goes to <task>_<n> instead, n the first number free for all of them."""
+    if out is not None:
+        folders = {t: (out if single else out / t) for t in tasks}
+        for folder in folders.values():
+            if folder.is_dir() and any(folder.iterdir()):
+                console.print(f"--out {folder} holds earlier files: files of the same names are replaced", soft_wrap=True)
+        return folders
+    base = run / "samples"
+    folders = {t: base / t for t in tasks}
+    if any(f.is_dir() and any(f.iterdir()) or f.exists() and not f.is_dir() for f in folders.values()):
+        n = 2
+        while any((base / f"{t}_{n}").exists() for t in tasks):
+            n += 1
+        folders = {t: base / f"{t}_{n}" for t in tasks}
+        console.print(f"{base} already holds samples of {', '.join(tasks)}: writing to "
+                      f"{', '.join(str(f) for f in folders.values())} (--out chooses the folder)", soft_wrap=True)
+    return folders
+
+
+def _undertrained_note(loaded, run: Path) -> str:
+    """A plain last word when the weights come from a run stopped before train.steps."""
+    planned = loaded.cfg.train.steps
+    if loaded.step >= planned:
+        return ""
+    why = "training stopped early"
+    from fvdm import media
+    from fvdm.train.trainer import TRAIN_LOG
+
+    from fvdm.errors import UserError
+
+    log = run / TRAIN_LOG
+    try:
+        ends = [r for r in (media.read_jsonl(log) if log.is_file() else []) if r.get("event") == "end"]
+    except UserError:  # an unreadable log only costs the reason
+        ends = []
+    if ends and ends[-1].get("reason") == "max_minutes":
+        why = f"the time guard (train.max_minutes={loaded.cfg.train.max_minutes}) stopped training"
+    elif ends and str(ends[-1].get("reason", "")).startswith("SIG"):
+        why = f"{ends[-1]['reason']} stopped training"
+    return (f"[bold yellow]note:[/] these samples come from a model trained {loaded.step} of {planned} steps "
+            f"({why}), so expect worse videos than a full run gives. To train the rest: `make demo` again for the "
+            f"demo, or python -m fvdm train --config {run / 'config.yaml'} --out {run} --resume")
 
 
 def _sprite_summary(cfg, videos: torch.Tensor, name: str) -> str:
@@ -442,7 +533,7 @@ def eval_loss(
     from fvdm.eval.loss import held_out_loss
     from fvdm.runs import load_run
 
-    loaded = load_run(run, ckpt, use_ema=ema, device=device)
+    loaded = load_run(run, ckpt, use_ema=ema, device=_device_option(device))
     rows = held_out_loss(loaded.model, loaded.cfg, num_clips=clips, seed=seed,
                          device=next(loaded.model.parameters()).device)
     table = Table(title=f"held-out loss, {loaded.checkpoint} (step {loaded.step})")
@@ -463,21 +554,26 @@ def eval_loss(
 def eval_synthetic(
     run: Annotated[Path, typer.Option(help="run directory trained on data.kind: sprites")] = Path("runs/demo_cpu"),
     ckpt: Annotated[Path | None, typer.Option(help="checkpoint directory (default: the run's latest good one)")] = None,
-    videos: Annotated[int, typer.Option(min=1, help="held-out videos per task")] = 32,
+    videos: Annotated[int, typer.Option(min=1, help="held-out videos per task")] = 16,
     tasks: Annotated[str, typer.Option(help="comma list of unconditional, i2v, interpolate, extend, long, "
                                             "identity (a one-step denoiser probe); or all")] = "all",
-    steps: Annotated[int | None, typer.Option(min=1, help="sampler steps (default sample.steps)")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="sampler steps (default: the run's sample.steps)")] = None,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     conditioning: Annotated[str, typer.Option(help="hold (FVDM) | replace (scalar-timestep models)")] = "hold",
     ema: Annotated[bool | None, typer.Option("--ema/--no-ema", help="evaluate the EMA weights (default: the "
-                                                                   "config's sample.use_ema)")] = None,
+                                                                   "run's sample.use_ema)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     out: Annotated[Path | None, typer.Option(help="JSON file (default <run>/eval/synthetic.json)")] = None,
-    show_progress: Annotated[bool, typer.Option("--progress/--no-progress", help="rich progress bar")] = True,
+    show_progress: Annotated[bool, typer.Option("--progress/--no-progress", help="rich progress bars")] = True,
 ) -> None:
     """Quality where the truth is known (runs trained on the built-in sprites): every zero-shot
     task on held-out videos, read with a sprite tracker and scored against the physics, next to
-    the same numbers for the true videos. Prints a table and writes JSON."""
+    the same numbers for the true videos. Prints a table and writes JSON; Ctrl-C stops it and
+    keeps the tasks finished so far.
+
+    Cost: the sampler runs once per task (long: once per sliding window, 7 for the demo), for
+    every --videos (in batches of 16), with the run's sampler settings. On the demo run (DDPM-100
+    with skip guidance) the default, 16 videos, takes about 4 minutes on 2 CPU cores."""
     from fvdm import media
     from fvdm.eval.synthetic import TASKS, evaluate_synthetic
     from fvdm.progress import progress_bar
@@ -485,25 +581,49 @@ def eval_synthetic(
 
     chosen = list(TASKS) if tasks == "all" else _split(tasks, list(TASKS), "task")
     _split(conditioning, ["hold", "replace"], "--conditioning")
-    loaded = load_run(run, ckpt, use_ema=ema, device=device)
-    with progress_bar("eval synthetic", console=console, disable=not show_progress) as bar:
-        ids = {t: bar.add_task(t, total=videos) for t in chosen}
-        results = evaluate_synthetic(loaded, num_videos=videos, steps=steps, seed=seed, tasks=tuple(chosen),
-                                     conditioning=conditioning,
-                                     callback=lambda t, done, total: bar.update(ids[t], completed=done))
+    loaded = load_run(run, ckpt, use_ema=ema, device=_device_option(device))
+    results: dict = {}
+    interrupted = False
+    try:
+        with progress_bar(None, console=console, disable=not show_progress, unit="video") as bar:
+            ids = {t: bar.add_task(f"eval {t}", total=videos) for t in chosen}
+            evaluate_synthetic(loaded, num_videos=videos, steps=steps, seed=seed, tasks=tuple(chosen),
+                               conditioning=conditioning, results=results,
+                               callback=lambda t, done, total: bar.update(ids[t], completed=done))
+    except KeyboardInterrupt:
+        interrupted = True
+        if not results:
+            fail("interrupted before the first task finished: nothing to report or write")
     table = Table(title=f"synthetic sprites, {loaded.checkpoint} (step {loaded.step}, {videos} videos a task)")
     for col, justify in (("task", "left"), ("metric", "left"), ("model", "right"), ("data", "right")):
         table.add_column(col, justify=justify)
+    unmeasured = False
+
+    def cell(value: float | None) -> str:
+        nonlocal unmeasured
+        if value is None:
+            return ""
+        if not math.isfinite(value):
+            unmeasured = True
+            return f"{value}*"
+        return f"{value:.3f}"
+
     for task, cols in results.items():
         for i, (metric, value) in enumerate(cols["model"].items()):
-            truth = cols.get("data", {}).get(metric)
-            table.add_row(task if i == 0 else "", metric, f"{value:.3f}", "" if truth is None else f"{truth:.3f}")
+            table.add_row(task if i == 0 else "", metric, cell(value), cell(cols.get("data", {}).get(metric)))
     console.print(table)
+    if unmeasured:
+        console.print("* inf: the tracker could not measure this in at least half of the videos (their sprite "
+                      "vanished or was seen in too few frames), so the median is unbounded; null in the JSON")
     path = out or Path(run) / "eval" / "synthetic.json"
     media.write_json(path, {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": loaded.ema, "seed": seed,
                             "videos": videos, "steps": steps or loaded.cfg.sample.steps, "conditioning": conditioning,
-                            "results": results})
+                            "results": results, **({"interrupted": True} if interrupted else {})})
     console.print(f"written to {path}")
+    if interrupted:
+        left = [t for t in chosen if t not in results]
+        console.print(f"interrupted: {', '.join(left)} not evaluated")
+        raise typer.Exit(code=130)
 
 
 @eval_app.command("fvd")
@@ -647,6 +767,22 @@ def convert(
                   f"{'learned' if m.learned_pos_embed else 'fixed'} position tables; checkpoint {result.checkpoint}")
 
 
+def command():
+    """The click command tree of `app`, with no type shown after flags: typer prints `<bool>`
+    after every --flag / --no-flag (and -h), which take no value."""
+    root = typer.main.get_command(app)
+
+    def strip(cmd, ctx) -> None:
+        for param in [*cmd.params, cmd.get_help_option(ctx)]:
+            if param is not None and getattr(param, "is_flag", False):
+                param.metavar = ""
+        for name, sub in getattr(cmd, "commands", {}).items():
+            strip(sub, type(ctx)(sub, info_name=name, parent=ctx))
+
+    strip(root, typer.Context(root, info_name="fvdm", **HELP_NAMES))
+    return root
+
+
 def main() -> None:
     """Entry point: user errors (bad file, bad option, corrupt checkpoint) become one line on
     stderr and exit status 2, never a traceback."""
@@ -667,7 +803,7 @@ def main() -> None:
 
     warnings.showwarning = one_line_warning
     try:
-        rc = app(standalone_mode=False)
+        rc = command()(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except UserError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)

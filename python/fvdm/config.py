@@ -95,7 +95,9 @@ class TrainConfig:
     grad_clip_after: int = 0  # clip only from this step on (the reference switches it on late)
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)): useful on short runs
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    # auto: bf16 autocast where the hardware has native bf16 matmuls (CPU: AVX512-BF16 or AMX;
+    # CUDA: Ampere on), else fp32 (fvdm.precision) | fp32 | bf16 (autocast)
+    precision: str = "auto"
     seed: int = 3407
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 10
@@ -145,7 +147,7 @@ class Config:
         _check_choice("diffusion.objective", self.diffusion.objective, ("eps", "v", "x0", "flow"))
         _check_choice("diffusion.ptss_mode", self.diffusion.ptss_mode, ("batch", "sample"))
         _check_choice("train.lr_schedule", self.train.lr_schedule, ("constant", "cosine"))
-        _check_choice("train.precision", self.train.precision, ("fp32", "bf16"))
+        _check_choice("train.precision", self.train.precision, ("auto", "fp32", "bf16"))
         _check_choice("model.backend", self.model.backend, ("fused", "reference", "auto"))
         _check_choice("model.gelu", self.model.gelu, ("exact", "tanh"))
         _check_choice("diffusion.vb_t0", self.diffusion.vb_t0, ("frame", "clip"))

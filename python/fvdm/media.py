@@ -434,6 +434,14 @@ def _save_figure(path: str | Path, fig) -> Path:
     return Path(path)
 
 
+# What the schedule plot says a clean (held) frame is; the README quotes the DDPM ones. In a DDPM
+# schedule matrix clean is -1, one below the last noisy timestep 0, and the network is shown it as
+# t = 0 (schedules.DDPMSchedule.model_time).
+SCHEDULE_LABELS = {"ddpm": "timestep t (-1 = clean)", "flow": "noise level t (0 = clean)"}
+HELD_LABELS = {"ddpm": "held: given frames, clean (t = -1) in every step; the network sees t = 0",
+               "flow": "held: given frames, clean (t = 0) in every step"}
+
+
 def save_schedule_matrix(path: str | Path, S: ArrayLike, held: ArrayLike | None = None,
                          title: str | None = None) -> Path:
     """A heatmap of a sampler's per-frame times: x = frame, y = sampler step (first at top).
@@ -456,14 +464,14 @@ def save_schedule_matrix(path: str | Path, S: ArrayLike, held: ArrayLike | None 
     fig = _figure(min(3.0 + 0.35 * frames, 14.0), 4.5)
     ax = fig.add_subplot()
     image = ax.imshow(s.numpy(), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="noise level t (0 = clean)" if flow else "timestep t (-1 = clean)")
+    fig.colorbar(image, ax=ax, label=SCHEDULE_LABELS["flow" if flow else "ddpm"])
     ax.set_xlabel("frame")
     ax.set_ylabel("sampler step (0 = first)")
     ax.yaxis.get_major_locator().set_params(integer=True)
     if frames <= 32:
         ax.set_xticks(range(frames))
     if mask is not None and mask.any():
-        _hatch(ax, mask)
+        _hatch(ax, mask, HELD_LABELS["flow" if flow else "ddpm"])
     if title:
         ax.set_title(title)
     return _save_figure(path, fig)
@@ -481,7 +489,7 @@ def _schedule_mask(held: ArrayLike | None, shape: tuple[int, int]) -> np.ndarray
     return h.numpy()
 
 
-def _hatch(ax, mask: np.ndarray) -> None:
+def _hatch(ax, mask: np.ndarray, label: str) -> None:
     """Hatch the held cells: one rectangle per vertical run, so long schedules stay cheap."""
     from matplotlib.patches import Patch, Rectangle
 
@@ -492,7 +500,7 @@ def _hatch(ax, mask: np.ndarray) -> None:
             ax.add_patch(Rectangle((col - 0.5, start - 0.5), 1, stop - start, fill=False, hatch="//",
                                    edgecolor="white", linewidth=0))
     # A proxy with a dark face: white hatching alone is invisible in a legend on white.
-    proxy = Patch(facecolor="0.25", edgecolor="white", hatch="//", label="held (given as conditioning)")
+    proxy = Patch(facecolor="0.25", edgecolor="white", hatch="//", label=label)
     # Below the axes: inside, it would hide part of the matrix.
     ax.legend(handles=[proxy], loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize="small", frameon=False)
 

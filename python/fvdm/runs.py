@@ -105,12 +105,19 @@ def data_condition(cfg: Config, num_frames: int, num_clips: int = 1) -> torch.Te
 
 
 def _frames_to_model(frames: torch.Tensor, cfg: Config, name: str) -> torch.Tensor:
-    """uint8 (F, H, W, 3) -> float (F, C, H, W) in [-1, 1], checked against the data size."""
+    """uint8 (F, H, W, 3) -> float (F, C, H, W) in [-1, 1], checked against the data size.
+    Frames k times the data size on both sides (k an integer: as fvdm writes its own videos,
+    upscaled nearest-neighbour) are scaled back down by averaging k x k blocks, so a sampled
+    video or GIF can be given back as conditioning."""
     F_, H, W, _ = frames.shape
-    if (H, W) != (cfg.data.size, cfg.data.size):
-        raise UserError(f"{name} is {W}x{H} pixels but the model was trained on {cfg.data.size}x{cfg.data.size}: "
-                        "resize it first")
+    size = cfg.data.size
+    k = H // size
+    if (H, W) != (k * size, k * size) or k < 1:
+        raise UserError(f"{name} is {W}x{H} pixels but the model was trained on {size}x{size}: resize it to that "
+                        f"(or to a whole multiple of it)")
     x = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if k > 1:
+        x = torch.nn.functional.avg_pool2d(x, k)
     if cfg.data.channels == 1:
         x = x.mean(dim=1, keepdim=True)
     return x

@@ -29,11 +29,13 @@ from fvdm.build import build_dataset, build_model, build_schedule, num_timesteps
 from fvdm.config import Config, from_dict, save_config
 from fvdm.diffusion import clean_prefix_mask, diffusion_loss, min_snr_weights, sample_timesteps
 from fvdm.errors import UserError
+from fvdm.precision import resolve_precision
 from fvdm.train import distributed as D
 from fvdm.train.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint
 from fvdm.train.ema import EMA
 from fvdm.train.rng import capture_rng
 
+TRAIN_LOG = "train_log.jsonl"  # one line per start / end of a training invocation
 STEP_SEED_STRIDE = 1_000_003  # (seed, step) -> one generator seed; a prime keeps runs apart
 # Tests slow the loop down with this so that a signal lands mid-run; never set otherwise.
 _TEST_STEP_DELAY = float(os.environ.get("FVDM_TEST_STEP_DELAY", "0"))
@@ -99,6 +101,7 @@ class Trainer:
             raise UserError(f"train.batch_size {tc.batch_size} must be divisible by the number of processes "
                             f"({self.world.size})")
         self.local_batch = tc.batch_size // self.world.size
+        self.precision = resolve_precision(tc.precision, self.device)
 
         self.ckpt_to_load = self._prepare_run_dir(resume)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank and every run
@@ -217,8 +220,8 @@ class Trainer:
         lr = lr_at(step, cfg)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if tc.precision == "bf16"
-                    else nullcontext())
+        dtype = self.precision.autocast_dtype
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
         weights = None
         if cfg.diffusion.min_snr_gamma is not None:
             weights = min_snr_weights(cfg.diffusion.objective, *self.schedule.alpha_sigma(t), cfg.diffusion.min_snr_gamma)
@@ -249,11 +252,18 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         last_ckpt = None
         handlers = self._install_signal_handlers()
+        self._log(f"training on {self.device.type} in {self.precision.describe()}")
+        self._record_session({"event": "start", "step": self.step, "steps": tc.steps, "device": str(self.device),
+                              "threads": torch.get_num_threads(), "max_minutes": tc.max_minutes,
+                              **self.precision.to_dict()})
+        end = {"event": "end", "reason": "error"}
         try:
             with self._progress_bar() as bar:
-                task = bar.add_task("train", total=tc.steps, completed=self.step, loss=float("nan"))
-                window_t0, window_steps = time.perf_counter(), 0
                 deadline = time.monotonic() + 60.0 * tc.max_minutes if tc.max_minutes else math.inf
+                # the ETA column caps its estimate at the deadline (same clock: time.monotonic)
+                task = bar.add_task("train", total=tc.steps, completed=self.step, loss=None,
+                                    deadline=deadline if tc.max_minutes else None)
+                window_t0, window_steps = time.perf_counter(), 0
                 time_limited = False
                 while self.step < tc.steps:
                     self.model.train()
@@ -281,19 +291,34 @@ class Trainer:
                     if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
                         self.preview()
                     if stop:
+                        end = {"event": "end", "reason": self._stop_signal or "signal", "step": self.step}
                         self._log(f"{self._stop_signal or 'signal'}: saved {last_ckpt} at step {self.step}; "
                                   f"continue with --resume")
                         return TrainResult(self.run_dir, self.step, last_ckpt, self._stop_signal or "signal")
                     if time_limited:
+                        end = {"event": "end", "reason": "max_minutes", "step": self.step}
                         self._log(f"train.max_minutes={tc.max_minutes} reached at step {self.step} of {tc.steps}: "
                                   f"saved {last_ckpt}; --resume trains the rest")
                         break
             if last_ckpt is None:  # resumed a finished run: nothing to do
                 last_ckpt = find_latest(self.run_dir)
+            if not time_limited:
+                end = {"event": "end", "reason": "done", "step": self.step}
             self.preview()
             return TrainResult(self.run_dir, self.step, last_ckpt, time_limited=time_limited)
         finally:
+            self._record_session({**end, "step": self.step})
             self._restore_signal_handlers(handlers)
+
+    def _record_session(self, record: dict) -> None:
+        """One line per start and end of a training invocation in <run>/train_log.jsonl: where
+        and in which precision it trained (and why), and how it ended (done, max_minutes, a
+        signal, error)."""
+        if self.world.is_main:
+            import datetime
+
+            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            media.append_jsonl(self.run_dir / TRAIN_LOG, {"time": now, **record})
 
     def preview(self) -> Path | None:
         """A grid of samples (rows: videos, columns: frames) in samples/step_*.png, from the
