@@ -8,6 +8,8 @@ from fractions import Fraction
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fvdm.config import load_config
 from fvdm.diffusion import ddpm_ladder, ddpm_schedule, sample, space_timesteps, spaced_ladder, unconditional
@@ -27,6 +29,18 @@ def test_official_respacing_equals_the_published_formula(n):
     assert space_timesteps(1000, str(n)) == published(1000, n)
     ladder = spaced_ladder(n, 1000, "official")
     assert ladder.tolist() == published(1000, n)[::-1] + [-1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 2000), data=st.data())
+def test_every_spacing_gives_a_ladder_of_distinct_steps(T, data):
+    n = data.draw(st.integers(1, T))
+    kept = space_timesteps(T, str(n))
+    assert len(kept) == n and kept[0] == 0 and kept[-1] == (T - 1 if n > 1 else 0)
+    for spacing in ("floor", "official"):
+        ladder = spaced_ladder(n, T, spacing).tolist()
+        assert len(ladder) == n + 1 and ladder[-1] == -1 and ladder[-2] == 0
+        assert all(a > b for a, b in zip(ladder, ladder[1:])) and ladder[0] <= T - 1
 
 
 def test_official_50_is_the_ladder_of_the_official_sample_scripts():

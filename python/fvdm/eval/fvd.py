@@ -329,7 +329,7 @@ class GeneratedClips(ClipSource):
                 "clips": self.num_clips, "frames": self.num_frames, "model_frames": self.window,
                 "subsample_factor": 1, "start": "first frame", "task": "unconditional",
                 "weights": "EMA" if self.loaded.ema else "raw",
-                "method": sc.method or "ddim (euler for flow)", "steps": sc.steps, "eta": sc.eta,
+                "method": sc.method or "ddim (euler for flow)", "steps": sc.steps, "spacing": sc.spacing, "eta": sc.eta,
                 "noise_scale": sc.noise_scale, "guidance_scale": sc.guidance_scale,
                 "stg_scale": sc.stg_scale,
                 "labels": "clip k gets class k mod num_classes" if self.loaded.model.config.num_classes else None,
