@@ -31,6 +31,7 @@ from fvdm.ops.reference import (
     noise_inject_ref,
     temporal_attention_ref,
 )
+from fvdm.ops import selfcheck
 from helpers import assert_matches_reference
 
 # Set by `make test-cuda-emu`, which builds the library and preloads the sanitizer it needs.
@@ -317,3 +318,38 @@ def test_launch_errors_name_the_kernel_and_the_profile():
     E().temporal_attention(q, q, q, None, False, 1.0)
     with pytest.raises(ValueError, match="unknown device profile 'sm_99'.*sm_90"):
         E().set_profile("sm_99")
+
+
+# ---------------------------------------------------------------------------------------------
+# the first-use self-check (fvdm.ops.selfcheck), on the emulated CUDA kernels
+
+
+@pytest.mark.parametrize("profile", ["sm_90", "sm_75"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_self_check_passes_on_the_cuda_kernels(profile, dtype):
+    on(profile)
+    for op in selfcheck.OPS:
+        selfcheck.run_self_check(op, "cpu", dtype, E())
+    kernels = set(launched())
+    tc = dtype != torch.float32 and profile == "sm_90"
+    assert ("attn_fwd_tc_kernel<T, kDh>" in kernels) == tc and "attn_fwd_generic_kernel<T>" in kernels
+
+
+def test_self_check_names_the_op_and_the_way_out():
+    on("sm_90")
+
+    class Corrupted:
+        """The emulated kernels with one output off by a little (a wrong kernel)."""
+
+        def __getattr__(self, name):
+            return getattr(E(), name)
+
+        def temporal_attention_qkv_backward(self, *args):
+            dqkv = E().temporal_attention_qkv_backward(*args)
+            dqkv[0, 3, 1, 1, 0, 5] += 0.5
+            return dqkv
+
+    for op in ("adaln_modulate", "frame_combine"):
+        selfcheck.run_self_check(op, "cpu", torch.bfloat16, Corrupted())
+    with pytest.raises(selfcheck.KernelSelfCheckError, match=r"fused temporal_attention kernel .* dk .*backend=\"reference\""):
+        selfcheck.run_self_check("temporal_attention", "cpu", torch.bfloat16, Corrupted())

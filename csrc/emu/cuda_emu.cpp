@@ -356,6 +356,11 @@ void worker(Launch& L) {
     }
   }
   tl_block = nullptr;
+#ifdef FVDM_EMU_ASAN
+  // A finished lane never returns from its first frame, whose redzones stay poisoned; clear
+  // them before the pages go back to the system (and perhaps to another allocator).
+  ASAN_UNPOISON_MEMORY_REGION(stacks, kStackBytes * nthreads);
+#endif
   munmap(stacks, kStackBytes * nthreads);
 }
 

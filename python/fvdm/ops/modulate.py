@@ -8,6 +8,7 @@ import torch
 
 from fvdm._ext import HAS_C, require_c
 from fvdm.ops._common import opmath_dtype
+from fvdm.ops.selfcheck import ensure_checked
 
 
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -15,12 +16,14 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
 
     x: (B, F, N, D); shift, scale: (B, F, D), same dtype as x. Statistics in float32."""
     require_c()
+    ensure_checked("adaln_modulate", x)
     return torch.ops.fvdm.adaln_modulate(x, shift, scale, eps)[0]
 
 
 def gated_residual(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """out = x + gate[b, f] * h. x, h: (B, F, N, D); gate: (B, F, D)."""
     require_c()
+    ensure_checked("gated_residual", x)
     return torch.ops.fvdm.gated_residual(x, h, gate)
 
 

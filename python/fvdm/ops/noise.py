@@ -10,12 +10,14 @@ import torch
 
 from fvdm._ext import HAS_C, require_c
 from fvdm.ops._common import opmath_dtype
+from fvdm.ops.selfcheck import ensure_checked
 
 
 def frame_combine(inputs: Sequence[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
     """out = sum_k coeffs[b, f, k] * inputs[k]. inputs: 1..8 tensors (B, F, ...) of one shape and
     dtype; coeffs: (B, F, K), any float dtype (used in float32, float64 for float64 inputs)."""
     require_c()
+    ensure_checked("frame_combine", inputs[0])
     return torch.ops.fvdm.frame_combine(list(inputs), coeffs)
 
 
@@ -29,6 +31,7 @@ def noise_inject(
     """x_t = sqrt_alpha_bar[t] * x0 + sqrt_one_minus_alpha_bar[t] * noise, with integer per-frame
     timesteps t (B, F) and tables (T,). One pass over memory; the lookup happens in the op."""
     require_c()
+    ensure_checked("noise_inject", x0)
     return torch.ops.fvdm.noise_inject(x0, noise, t, sqrt_alpha_bar, sqrt_one_minus_alpha_bar)
 
 

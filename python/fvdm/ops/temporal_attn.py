@@ -11,6 +11,7 @@ import torch
 
 from fvdm._ext import HAS_C, require_c
 from fvdm.ops._common import opmath_dtype
+from fvdm.ops.selfcheck import ensure_checked
 
 
 def temporal_attention(
@@ -26,6 +27,7 @@ def temporal_attention(
     frames <= i. key_mask: (B, F) bool, true = may be attended. scale: default 1/sqrt(Dh).
     Returns (B, F, N, H, Dh) contiguous. A query with no allowed key gets zeros."""
     require_c()
+    ensure_checked("temporal_attention", q)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     return torch.ops.fvdm.temporal_attention(q, k, v, key_mask, causal, scale)[0]
@@ -43,6 +45,7 @@ def temporal_attention_qkv(
     dq, dk, dv into one more copy (13% of the forward+backward at Latte-XL on the CPU).
     Returns (B, F, N, H, Dh) contiguous."""
     require_c()
+    ensure_checked("temporal_attention", qkv)
     if scale is None:
         scale = 1.0 / math.sqrt(qkv.shape[-1])
     return torch.ops.fvdm.temporal_attention_qkv(qkv, key_mask, causal, scale)[0]
