@@ -12,7 +12,7 @@ CUDA_TORCH_SPEC ?= torch==2.14.1
 CUDA_HOME ?= /usr/local/cuda
 CUDA_ARCHS ?= 8.0;9.0
 
-.PHONY: demo test build bench cuda-check cuda-emu test-cuda-emu clean
+.PHONY: demo test build bench cuda-build cuda-check gpu-check cuda-emu test-cuda-emu clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -62,11 +62,20 @@ $(CUDA_VENV)/.deps: Makefile
 # Compiles every .cu file against the CUDA build of torch (no GPU needed), then runs the test
 # suite on the CPU with that build; the `cuda` tests skip without a GPU. The package is staged
 # in build/cuda-pkg so the CPU build in python/fvdm is left alone.
-cuda-check: $(CUDA_VENV)/.deps
+cuda-build: $(CUDA_VENV)/.deps
 	rm -rf build/cuda-pkg && mkdir -p build/cuda-pkg && cp -r python/fvdm build/cuda-pkg/ && rm -f build/cuda-pkg/fvdm/_C*.so
 	CUDA_HOME=$(CUDA_HOME) FVDM_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" $(CUDA_VENV)/bin/python setup.py -q build_ext --build-lib build/cuda-pkg
 	PYTHONPATH=build/cuda-pkg $(CUDA_VENV)/bin/python -c "import fvdm; i = fvdm.build_info(); assert i['cuda'] and all('cuda' in b for b in i['kernels'].values()), i; print('CUDA kernels compiled for', i['cuda_archs'])"
+
+cuda-check: cuda-build
 	PYTHONPATH=build/cuda-pkg $(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not cuda_emu"
+
+# On a machine with a GPU: the CUDA build, then tools/gpu_check.py (cuda tests, compute-sanitizer
+# memcheck and racecheck, bench kernels and model on the GPU) into
+# benchmarks/results/gpu-check-<device>.json. Set CUDA_ARCHS to the GPU's alone (9.0 for
+# H100/H200) to halve the build.
+gpu-check: cuda-build
+	PYTHONPATH=build/cuda-pkg CUDA_HOME=$(CUDA_HOME) $(CUDA_VENV)/bin/python tools/gpu_check.py
 
 clean:
 	rm -rf build python/fvdm/_C*.so

@@ -9,4 +9,6 @@ from hypothesis import settings
 
 settings.register_profile("dev", print_blob=True)
 settings.register_profile("ci", derandomize=True, print_blob=True)
+# tools/gpu_check.py under compute-sanitizer, which slows every launch down a hundredfold.
+settings.register_profile("sanitizer", derandomize=True, max_examples=3, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
