@@ -396,6 +396,11 @@ def test_malformed_and_mismatched_checkpoints_are_one_line_errors(tmp_path, caps
     refuse(save_official(tmp_path / "d2.pt", small), "--num-heads")
     code, _, err = cli(capsys, "convert", str(tmp_path / "d2.pt"), "--out", run, "--num-heads", "4", *LABELLED)
     assert code == 0, err
+    # options of the other direction
+    code, _, err = cli(capsys, "convert", str(good), "--out", str(tmp_path / "r3"), "--ckpt", str(tmp_path))
+    one_line_error(code, err, "--ckpt", "export")
+    code, _, err = cli(capsys, "convert", run, "--to", "official", "--out", str(tmp_path / "o.pt"), "--allow-partial")
+    one_line_error(code, err, "--allow-partial", "import")
     # an existing run is not overwritten
     code, _, err = cli(capsys, "convert", str(good), "--out", run, *LABELLED)
     one_line_error(code, err, "already holds checkpoints")

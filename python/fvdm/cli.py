@@ -740,9 +740,14 @@ def convert(
     SRC is an fvdm run; writes its weights as an official-layout .pt ({"ema", "model"})."""
     from fvdm import convert as cv
 
+    import_only = {"config overrides": bool(overrides), "--from": from_layout != "auto", "--config": config is not None,
+                   "--size": size is not None, "--num-heads": num_heads is not None,
+                   "--num-classes": num_classes is not None, "--allow-partial": allow_partial, "--step": step != 0}
+    export_only = {"--ckpt": ckpt is not None, "--allow-exact-gelu": allow_exact_gelu}
+    wrong = [k for k, v in (import_only if to is not None else export_only).items() if v]
+    if wrong:
+        fail(f"{', '.join(wrong)} apply to {'an import' if to is not None else 'an export (--to)'} only")
     if to is not None:
-        if overrides:
-            fail("config overrides apply to an import only, not to --to")
         done = cv.export_checkpoint(src, out, layout=to, checkpoint=ckpt, allow_exact_gelu=allow_exact_gelu)
         console.print(f"wrote {done.path} ({done.layout} layout, {' and '.join(done.weights)} weights of "
                       f"{done.checkpoint})")

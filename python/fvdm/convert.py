@@ -585,14 +585,15 @@ def export_checkpoint(run: str | Path, out: str | Path, *, layout: str = "offici
     if "ema" not in result:  # the official scripts load "ema"
         result["ema"] = result["model"]
     out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         torch.save(result, tmp)
         _fsync(tmp)
         os.replace(tmp, out)
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {out}: {getattr(e, 'strerror', None) or _first_line(e)}") from None
     return Exported(out, layout, ckpt.path, sorted(result))
 
 
@@ -607,11 +608,15 @@ def _yaml(cfg: Config) -> str:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync(path: Path) -> None:
