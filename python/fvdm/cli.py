@@ -571,9 +571,11 @@ def eval_synthetic(
     the same numbers for the true videos. Prints a table and writes JSON; Ctrl-C stops it and
     keeps the tasks finished so far.
 
-    Cost: the sampler runs once per task (long: once per sliding window, 7 for the demo), for
-    every --videos (in batches of 16), with the run's sampler settings. On the demo run (DDPM-100
-    with skip guidance) the default, 16 videos, takes about 4 minutes on 2 CPU cores."""
+    Cost: the run's sampler (steps, skip guidance) once per task and batch of up to 16 videos;
+    extend runs 2 sliding windows, long 7 (the demo's 8-frame window). On the demo run the default,
+    16 videos, is 1200 DDPM steps with skip guidance on batches of 16 (long: 700 of them): about
+    3-5 minutes on an idle 2-core CPU, estimated from a sampler step's cost next to a training
+    step's (0.25-0.44 of it, measured on a busy host) at the demo's 3.3 it/s in fp32."""
     from fvdm import media
     from fvdm.eval.synthetic import TASKS, evaluate_synthetic
     from fvdm.progress import progress_bar
