@@ -290,3 +290,9 @@ def test_device_cuda_without_a_gpu_names_the_option_to_use(capsys, run_dir, args
     extra = ["--run", str(run_dir)] if args[0] != "bench" else []
     code, _, err = cli(capsys, *args, "--device", "cuda", *extra)
     assert_one_line_error(code, err, "--device cuda", "use --device cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_train_device_cuda_without_a_gpu_names_the_key_to_use(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", "--out", str(tmp_path / "r"), *TINY, "train.device=cuda")
+    assert_one_line_error(code, err, "train.device=cpu")

@@ -24,7 +24,8 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise UserError(f"train.device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} was asked for but torch sees no CUDA device; use device=cpu")
+        raise UserError(f"device {name!r} was asked for but torch sees no CUDA device; use train.device=cpu "
+                        "(or auto) in a config, --device cpu on the command line")
     return device
 
 
