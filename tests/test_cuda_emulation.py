@@ -290,6 +290,7 @@ def _check_attention(B, F, N, H, Dh, dtype, causal, masked, offset, profile, ord
 @example(B=1, F=33, N=1, H=1, Dh=128, dtype=torch.bfloat16, causal=True, masked=False, offset=0, profile="sm_80_small", order=2, seed=2)
 @example(B=1, F=5, N=2, H=2, Dh=64, dtype=torch.float16, causal=False, masked=True, offset=0, profile="sm_75", order=0, seed=3)
 @example(B=2, F=1, N=3, H=1, Dh=40, dtype=torch.float32, causal=True, masked=False, offset=1, profile="sm_90", order=7, seed=4)
+@example(B=1, F=3, N=1, H=1, Dh=256, dtype=torch.bfloat16, causal=False, masked=True, offset=0, profile="sm_90", order=1, seed=5)
 def test_temporal_attention_forward_and_backward(B, F, N, H, Dh, dtype, causal, masked, offset, profile, order, seed):
     _check_attention(B, F, N, H, Dh, dtype, causal, masked, offset, profile, order, seed)
 

@@ -622,3 +622,17 @@ def test_torch_compile_fullgraph_cuda():
     torch.testing.assert_close(comp, eager, atol=2e-2, rtol=2e-2)
     for a, b in zip(comp_in, eager_in):
         torch.testing.assert_close(a.grad, b.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_first_use_self_check_runs_once_per_dtype_and_is_cheap():
+    from fvdm.ops import selfcheck
+
+    for dtype in FLOAT_DTYPES:
+        x = rand((1, 2, 3, 64), dtype, 0)
+        shift, scale = rand((1, 2, 64), dtype, 1), rand((1, 2, 64), dtype, 2)
+        adaln_modulate(x, shift, scale)
+        key = ("adaln_modulate", str(x.device), dtype)
+        seconds = selfcheck.checked()[key]
+        assert seconds < 1.0, f"self-check of adaln_modulate in {dtype} took {seconds:.2f} s"
+        adaln_modulate(x, shift, scale)
+        assert selfcheck.checked()[key] == seconds  # not run again
