@@ -272,6 +272,7 @@ def test_sample_help_says_defaults_come_from_the_run(capsys):
 @pytest.mark.parametrize("task, option, value", [
     ("unconditional", "--image", "x.png"), ("unconditional", "--frames", "12"), ("i2v", "--video", "x.mp4"),
     ("long", "--keyframes", "0,3"), ("extend", "--lag", "2"), ("rolling", "--frames", "9"),
+    ("unconditional", "--conditioning", "replace"),
 ])
 def test_an_option_the_task_ignores_is_an_error(capsys, tmp_path, task, option, value):
     code, _, err = cli(capsys, "sample", task, option, value, "--run", str(tmp_path / "no_run"))

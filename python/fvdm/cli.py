@@ -389,7 +389,7 @@ def sample(
         fail(f"unknown task {task!r}; choose one of {', '.join(TASK_CHOICES)}")
     _split(conditioning, ["hold", "replace"], "--conditioning")
     _check_task_options(task, {"--image": image, "--video": video, "--keyframes": keyframes, "--frames": frames,
-                               "--lag": lag})
+                               "--lag": lag, "--conditioning": None if conditioning == "hold" else conditioning})
     for name, value in (("--num", num), ("--steps", steps), ("--frames", frames), ("--lag", lag)):
         if value is not None and value < 1:
             fail(f"{name} must be >= 1, got {value}")
@@ -447,7 +447,8 @@ def sample(
 
 # Which sample options each task reads: any other task would ignore them, so they are an error.
 TASK_OPTIONS = {"--image": ("i2v",), "--video": ("interpolate", "extend"), "--keyframes": ("interpolate",),
-                "--frames": ("extend", "long"), "--lag": ("rolling",)}
+                "--frames": ("extend", "long"), "--lag": ("rolling",),
+                "--conditioning": ("i2v", "interpolate", "extend", "long")}  # long: the held overlap
 
 
 def _check_task_options(task: str, given: dict[str, object]) -> None:
