@@ -251,7 +251,7 @@ def test_flipped_byte_is_detected(tmp_path: Path, name: str):
         verify_checkpoint(path)
     with pytest.warns(UserWarning, match="sha256 mismatch"):
         assert find_latest(tmp_path) is None
-    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no good checkpoint in .*all 1 are corrupt"):
+    with pytest.raises(CheckpointError, match=rf"no usable checkpoint in .*{name} sha256 mismatch"):
         load_checkpoint(tmp_path)
 
 
@@ -288,6 +288,53 @@ def test_corrupt_state_pt_with_matching_hash_is_reported(tmp_path: Path):
         load_checkpoint(path)
 
 
+def test_malicious_state_pt_refusal_never_suggests_weights_only_false(tmp_path: Path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    path = save(tmp_path, 1)
+    torch.save({"x": Evil()}, path / "state.pt")
+    rewrite_with_matching_meta(path, "state.pt", (path / "state.pt").read_bytes())
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "system" in message and "weights_only=False" not in message and "\n" not in message, message
+
+
+def test_disk_full_while_writing_weights_is_one_checkpoint_error(tmp_path: Path, monkeypatch):
+    """safetensors reports a failed write (ENOSPC) as SafetensorError, not OSError."""
+    from safetensors import SafetensorError
+
+    import fvdm.train.checkpoint as C
+
+    first = save(tmp_path, 1)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"\0" * 10)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(C, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*step_000000002: No space left on device.*"
+                                              r"free disk space"):
+        save(tmp_path, 2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # nothing half-written left
+    verify_checkpoint(first)
+
+
+def test_no_usable_checkpoint_names_each_and_why(tmp_path: Path):
+    save(tmp_path, 1)
+    newer = save(tmp_path, 2)
+    (newer / "meta.json").unlink()
+    (tmp_path / "checkpoints" / "step_000000001" / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint .*step_000000002 is incomplete.*"
+                                              r"step_000000001 is incomplete"):
+        load_checkpoint(tmp_path)
+
+
 def test_unreadable_meta_json(tmp_path: Path):
     save(tmp_path, 1)
     path = save(tmp_path, 2)
@@ -307,12 +354,13 @@ def test_missing_file_is_named(tmp_path: Path):
         load_checkpoint(path)
 
 
-def test_missing_meta_json_means_incomplete_and_is_ignored(tmp_path: Path):
+def test_missing_meta_json_means_incomplete_and_is_skipped_with_a_warning(tmp_path: Path):
     save(tmp_path, 1)
     path = save(tmp_path, 2)
-    (path / "meta.json").unlink()  # as if the write had been killed before its last file
+    (path / "meta.json").unlink()  # deleted (a killed save never leaves a step_* without it)
     assert list_checkpoints(tmp_path) == [tmp_path / "checkpoints" / "step_000000001"]
-    assert assert_no_warnings(find_latest, tmp_path).name == "step_000000001"
+    with pytest.warns(UserWarning, match=r"step_000000002 is incomplete: it has no meta\.json"):
+        assert find_latest(tmp_path).name == "step_000000001"
     with pytest.raises(CheckpointError, match=r"step_000000002 is incomplete: it has no meta\.json"):
         load_checkpoint(path)
 

@@ -301,6 +301,8 @@ def train(
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<config name>)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its latest good checkpoint")] = False,
     checkpoint: Annotated[Path | None, typer.Option("--from-checkpoint", help="resume from this checkpoint directory")] = None,
+    start_fresh: Annotated[bool, typer.Option("--start-fresh", help="with --resume: when --out holds checkpoints "
+                                              "but none is usable, train from step 0 (else refused)")] = False,
     sample_after: Annotated[bool, typer.Option("--sample-after/--no-sample-after",
                                                help="after training, sample every task into <out>/samples")] = False,
     show_progress: Annotated[bool, typer.Option("--progress/--no-progress", help="rich progress bar")] = True,
@@ -309,14 +311,16 @@ def train(
 
     Writes <out>/config.yaml, metrics.jsonl, loss.png, samples/step_*.png and checkpoints/step_*/
     (safetensors weights + optimizer/RNG state, written atomically). SIGINT/SIGTERM save a
-    checkpoint and stop; --resume continues exactly where the run stopped. Multi-process:
+    checkpoint and stop; --resume continues exactly where the run stopped. One trainer per
+    --out at a time (an OS lock; sample and eval may read the run meanwhile). Multi-process:
     torchrun --nproc-per-node N -m fvdm train ..."""
     from fvdm.config import load_config
     from fvdm.train.trainer import train as run_training
 
     cfg = load_config(config, overrides or [])
     run_dir = out or Path("runs") / cfg.name
-    result = run_training(cfg, run_dir, resume=checkpoint or (True if resume else None), progress=show_progress)
+    result = run_training(cfg, run_dir, resume=checkpoint or (True if resume else None), progress=show_progress,
+                          start_fresh=start_fresh)
     if result.interrupted:
         console.print(f"stopped by {result.interrupted} at step {result.step}; checkpoint {result.checkpoint}")
         raise typer.Exit(code=130 if result.interrupted == "SIGINT" else 143)

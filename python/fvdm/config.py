@@ -13,6 +13,7 @@ A name without a path resolves to a file shipped in fvdm/configs/ (`fvdm train -
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -154,11 +155,6 @@ class Config:
         _check_choice("sample.spacing", self.sample.spacing, ("floor", "official", "official-ddim"))
         if self.sample.method is not None:
             _check_choice("sample.method", self.sample.method, ("ddpm", "ddim", "euler"))
-        if self.train.max_minutes is not None and not self.train.max_minutes > 0:
-            raise UserError(f"train.max_minutes must be a positive number of minutes or null, got {self.train.max_minutes!r}")
-        if self.sample.clip_x0 is not None and not self.sample.clip_x0 > 0:
-            raise UserError(f"sample.clip_x0 must be a positive bound (1.0 for pixels in [-1, 1]) or null, "
-                            f"got {self.sample.clip_x0!r}")
         flow = self.diffusion.schedule == "flow"
         if flow != (self.diffusion.objective == "flow"):
             raise UserError("diffusion.objective 'flow' goes with diffusion.schedule 'flow' and only with it "
@@ -171,36 +167,73 @@ class Config:
             raise UserError(f"data.channels must be 3 for data.kind={self.data.kind!r} (RGB video)")
         if self.data.kind == "sprites" and self.model.num_classes:
             raise UserError("model.num_classes > 0 needs labelled data (data.kind videos or frames, one folder per class)")
-        _check_range("diffusion.ptss_p", self.diffusion.ptss_p, 0.0, 1.0)
-        _check_range("train.ema_decay", self.train.ema_decay, 0.0, 1.0)
-        _check_range("model.class_dropout_prob", self.model.class_dropout_prob, 0.0, 1.0)
-        for key in ("train.steps", "train.batch_size", "train.log_every", "train.ckpt_every", "data.num_frames",
-                    "data.frame_stride", "data.size", "data.channels", "data.num_videos", "sample.steps",
-                    "sample.num_videos", "sample.fps", "train.sample_videos", "train.sample_steps",
-                    "diffusion.num_timesteps"):
-            if self.get(key) < 1:
-                raise UserError(f"{key} must be >= 1, got {self.get(key)}")
-        for key in ("train.lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip_after",
-                    "train.sample_every", "train.keep_checkpoints", "data.num_workers", "sample.eta",
-                    "sample.noise_scale", "sample.stg_scale"):
-            if self.get(key) < 0:
-                raise UserError(f"{key} must be >= 0, got {self.get(key)}")
-        if self.diffusion.min_snr_gamma is not None and not self.diffusion.min_snr_gamma > 0:
-            raise UserError(f"diffusion.min_snr_gamma must be > 0 (or null: off), got {self.diffusion.min_snr_gamma}")
+        for key, bounds in RANGES.items():
+            _check_number(key, self.get(key), *bounds)
+        for i, beta in enumerate(self.train.betas):
+            _check_number(f"train.betas[{i}]", beta, 0.0, 1.0, False, True)
+        if self.train.lr_schedule == "cosine" and self.train.lr_min > self.train.lr:
+            raise UserError(f"train.lr_min must not exceed train.lr ({self.train.lr:g}), got {self.train.lr_min:g}")
         if self.diffusion.min_snr_gamma is not None and self.model.learn_sigma:
             raise UserError("diffusion.min_snr_gamma weights the mean loss only: it cannot be combined with "
                             "model.learn_sigma (whose VB term has its own weighting)")
-        if not 0.0 <= self.diffusion.clean_prefix_p < 1.0:
-            raise UserError(f"diffusion.clean_prefix_p must lie in [0, 1), got {self.diffusion.clean_prefix_p}")
-        if self.diffusion.noise_bias <= 0:
-            raise UserError(f"diffusion.noise_bias must be > 0, got {self.diffusion.noise_bias}")
-        if self.train.grad_clip is not None and self.train.grad_clip <= 0:
-            raise UserError(f"train.grad_clip must be > 0 or null, got {self.train.grad_clip}")
+        if not flow:  # DDPM samplers step on a subsequence of the T training steps
+            for key in ("sample.steps", "train.sample_steps"):
+                if self.get(key) > self.diffusion.num_timesteps:
+                    raise UserError(f"{key} must lie in [1, {self.diffusion.num_timesteps}] (diffusion.num_timesteps), "
+                                    f"got {self.get(key)}")
         return self
 
     def get(self, key: str) -> Any:
         section, name = key.split(".")
         return getattr(getattr(self, section), name)
+
+
+# The valid range of every numeric field: key -> (low, high, low open, high open); None: no
+# bound on that side. Floats must also be finite. Checked by Config.validate, so a value outside
+# is refused at load time with the key and the range, before anything is built or written.
+# Upper bounds on sizes and counts are far beyond any real use; they keep a typo (1e12) from
+# reaching an allocation or an integer overflow.
+_BIG = 10**9
+_SEED = (0, 2**32 - 1)
+RANGES: dict[str, tuple] = {
+    "model.patch_size": (1, 1024), "model.hidden_size": (1, 65536), "model.depth": (1, 1024),
+    "model.num_heads": (1, 1024), "model.mlp_ratio": (0.0, 64.0, True, False),
+    "model.num_classes": (0, 10**6), "model.class_dropout_prob": (0.0, 1.0),
+    "model.conv_head": (0, 65536), "model.conv_head_layers": (1, 64),
+    "data.num_frames": (1, 4096), "data.frame_stride": (1, 10**4), "data.size": (1, 8192),
+    "data.channels": (1, 3), "data.num_videos": (1, _BIG), "data.seed": _SEED, "data.num_workers": (0, 1024),
+    "diffusion.num_timesteps": (2, 10**6), "diffusion.ptss_p": (0.0, 1.0),
+    "diffusion.noise_bias": (0.0, None, True), "diffusion.min_snr_gamma": (0.0, None, True),
+    "diffusion.clean_prefix_p": (0.0, 1.0, False, True),
+    "train.steps": (1, _BIG), "train.batch_size": (1, 65536), "train.lr": (0.0, None),
+    "train.weight_decay": (0.0, None), "train.warmup_steps": (0, _BIG), "train.lr_min": (0.0, None),
+    "train.grad_clip": (0.0, None, True), "train.grad_clip_after": (0, _BIG), "train.ema_decay": (0.0, 1.0),
+    "train.seed": _SEED, "train.log_every": (1, _BIG), "train.ckpt_every": (1, _BIG),
+    "train.keep_checkpoints": (0, _BIG), "train.sample_every": (0, _BIG), "train.sample_videos": (1, 10**4),
+    "train.sample_steps": (1, 10**6), "train.max_minutes": (0.0, None, True),
+    "sample.steps": (1, 10**6), "sample.eta": (0.0, 1.0), "sample.noise_scale": (0.0, None),
+    "sample.clip_x0": (0.0, None, True), "sample.guidance_scale": (0.0, None), "sample.stg_scale": (0.0, None),
+    "sample.num_videos": (1, 10**4), "sample.fps": (1, 1000), "sample.seed": _SEED,
+}
+
+
+def _check_number(key: str, value: Any, lo: float | None, hi: float | None, lo_open: bool = False,
+                  hi_open: bool = False) -> None:
+    """UserError naming `key` and its range unless `value` (None: unset, fine) lies in it."""
+    if value is None:
+        return
+    ok = (isinstance(value, int) or math.isfinite(value)) and (lo is None or (value > lo if lo_open else value >= lo)) and (
+        hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        raise UserError(f"{key} must be {_range_text(lo, hi, lo_open, hi_open, isinstance(value, int))}, "
+                        f"got {value!r}")
+
+
+def _range_text(lo, hi, lo_open: bool, hi_open: bool, integer: bool) -> str:
+    kind = "an integer" if integer else "a finite number"
+    if hi is None:
+        return f"{kind} {'>' if lo_open else '>='} {lo:g}"
+    return f"{kind} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -209,13 +242,15 @@ class Config:
 def config_path(name_or_path: str | Path) -> Path:
     """A YAML path, or the name of a shipped config (demo_cpu, ffs, sky, ucf101, taichi)."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise UserError(f"config file {p} does not exist")
+    if p.is_file():
         return p
     shipped = CONFIG_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
+    if p.suffix not in (".yaml", ".yml") and not p.exists() and shipped.is_file():
         return shipped
+    if p.is_dir():
+        raise UserError(f"config {p} is a directory; give a YAML file (a run's config is <run>/config.yaml)")
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        raise UserError(f"config file {p} does not exist")
     raise UserError(f"no config {str(name_or_path)!r}: give a YAML path or one of {shipped_configs()}")
 
 
@@ -225,18 +260,27 @@ def shipped_configs() -> list[str]:
 
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file (if given) <- `section.key=value` overrides, then validated."""
-    data: dict[str, Any] = {}
-    if name_or_path is not None:
-        path = config_path(name_or_path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read config {path}: {_first_line(e)}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    data = read_config_file(config_path(name_or_path)) if name_or_path is not None else {}
     cfg = from_dict(data)
     apply_overrides(cfg, overrides)
     return cfg.validate()
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML config file's mapping of sections (not yet checked); UserError if unreadable."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"cannot read config {path}: {_first_line(e)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 def from_dict(data: dict[str, Any]) -> Config:
@@ -274,8 +318,20 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
     return cfg
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(cfg: Config, path: Path) -> bool:
+    """Write `cfg` to `path` atomically (temporary file, fsync, rename), and only if the file
+    does not already hold exactly this config; True if it was written. A failed write (full
+    disk) leaves the old file whole and raises UserError."""
+    from fvdm import media
+
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    try:
+        if path.read_bytes() == text.encode("utf-8"):
+            return False
+    except OSError:
+        pass  # absent or unreadable: write it
+    media.write_text(path, text)
+    return True
 
 
 # ----------------------------------------------------------------------------- typed assignment
@@ -382,6 +438,6 @@ def _plain(x: Any) -> Any:
 
 __all__ = [
     "Config", "ModelConfig", "DataConfig", "DiffusionConfig", "TrainConfig", "SampleConfig",
-    "load_config", "from_dict", "apply_overrides", "save_config", "config_path", "shipped_configs",
+    "load_config", "read_config_file", "from_dict", "apply_overrides", "save_config", "config_path", "shipped_configs",
     "CONFIG_DIR",
 ]

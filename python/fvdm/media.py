@@ -17,6 +17,7 @@ Conventions
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -66,11 +67,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # and the new name survives a power loss
     except OSError as e:
         raise _cannot_write(path, e) from e
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames and new entries in directory `path` durable (POSIX; a no-op elsewhere)."""
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # some network filesystems refuse it
+            raise
+    finally:
+        os.close(fd)
 
 
 def _make_parent(path: Path) -> None:
@@ -97,6 +113,27 @@ def write_json(path: str | Path, obj: object) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(_finite(obj), indent=2, default=_scalar) + "\n")
     return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Atomically write `text` (UTF-8) to `path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(text.encode("utf-8"))
+    return Path(path)
+
+
+def truncate_jsonl(path: str | Path, keep) -> int:
+    """Atomically rewrite a metrics file keeping the records for which keep(record) is true (a
+    truncated last line is dropped too); returns how many records were dropped. No file: 0."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    records = read_jsonl(path)
+    kept = [r for r in records if keep(r)]
+    data = path.read_bytes()
+    if len(kept) != len(records) or (data and not data.endswith(b"\n")):
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return len(records) - len(kept)
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

@@ -49,7 +49,7 @@ import fvdm
 from fvdm.errors import CheckpointError
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "find_latest",
-           "list_checkpoints", "step_dir_name"]
+           "scan_checkpoints", "list_checkpoints", "step_dir_name"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -139,6 +139,12 @@ def save_checkpoint(run_dir: PathLike, step: int, model_state: Mapping[str, torc
         _publish(tmp, final)
     except OSError as e:
         raise CheckpointError(_write_error(final, e)) from e
+    except (SafetensorError, RuntimeError) as e:
+        # safetensors and torch.save report a failed write (a full disk) in their own types,
+        # with the OS error only in the text; other RuntimeErrors are bugs and stay so.
+        if isinstance(e, RuntimeError) and "writ" not in str(e):
+            raise
+        raise CheckpointError(_write_error(final, _as_os_error(e))) from e
     finally:
         if tmp is not None:
             _IN_PROGRESS.discard(tmp)
@@ -296,6 +302,22 @@ def _publish(tmp: Path, final: Path) -> None:
         _IN_PROGRESS.discard(old)
 
 
+def _as_os_error(e: Exception) -> OSError:
+    """The OSError a writer's message describes (safetensors: 'IoError(Os { code: 28, ...'), so
+    that the hint fits; errno 0 when it names none."""
+    text = str(e)
+    code = re.search(r"\bcode: (\d+)", text) or re.search(r"\berrno:? (\d+)", text)
+    if code is None and "No space left" in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if code is None:
+        return OSError(0, _first_line(text) or type(e).__name__)
+    return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
 def _write_error(final: Path, e: OSError) -> str:
     where = f" ({e.filename})" if e.filename else ""
     reason = e.strerror or str(e)
@@ -409,16 +431,33 @@ def list_checkpoints(path: PathLike) -> list[Path]:
 def find_latest(path: PathLike) -> Path | None:
     """The newest complete and verified checkpoint under a run (or checkpoints) directory.
 
-    Newer corrupt checkpoints are skipped with a warning naming them; they stay on disk for
-    inspection. None if there is no good checkpoint (or no directory yet)."""
-    for ckpt in reversed(list_checkpoints(path)):
+    Newer unusable checkpoints (corrupt, or without meta.json) are skipped with a warning
+    naming them; they stay on disk for inspection. None if there is no good checkpoint (or no
+    directory yet)."""
+    latest, problems = scan_checkpoints(path)
+    for problem in problems:
+        warnings.warn(f"{problem}; skipping it (left on disk for inspection)", stacklevel=2)
+    return latest
+
+
+def scan_checkpoints(path: PathLike) -> tuple[Path | None, list[str]]:
+    """(the newest verified checkpoint or None, why each newer `step_*` directory is unusable).
+
+    Unlike `list_checkpoints`, `step_*` directories without a meta.json count here: they are
+    reported, never skipped silently."""
+    ckpt_dir = _checkpoints_dir(Path(path))
+    if not ckpt_dir.is_dir():
+        return None, []
+    entries = sorted((int(m.group(1)), e) for e in ckpt_dir.iterdir() if (m := _STEP_DIR.fullmatch(e.name)))
+    problems = []
+    for _, ckpt in reversed(entries):
         try:
             _verify(ckpt)
         except CheckpointError as e:
-            warnings.warn(f"{e}; skipping it (left on disk for inspection)", stacklevel=2)
+            problems.append(str(e))
             continue
-        return ckpt
-    return None
+        return ckpt, problems
+    return None, problems
 
 
 def verify_checkpoint(path: PathLike) -> None:
@@ -456,7 +495,8 @@ def _verify(ckpt: Path) -> dict[str, Any]:
                               "pass a checkpoints/step_NNNNNNNNN directory or a run directory")
     if not (ckpt / META).is_file():
         if _STEP_DIR.fullmatch(ckpt.name):
-            raise CheckpointError(f"checkpoint {ckpt} is incomplete: it has no {META} (its write was interrupted)")
+            raise CheckpointError(f"checkpoint {ckpt} is incomplete: it has no {META} (deleted, or its write "
+                                  "was interrupted)")
         raise CheckpointError(f"{ckpt} is not a checkpoint directory (no {META}); "
                               "pass a checkpoints/step_NNNNNNNNN directory or a run directory")
     meta = _read_meta(ckpt)
@@ -555,13 +595,17 @@ def _safetensors_header_problem(f: Any, size: int) -> str | None:
 # Loading
 
 
-def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu", *, verify: bool = True) -> Checkpoint:
     """Verify and load a checkpoint.
 
     `path` is a checkpoint directory, or a run directory / checkpoints directory meaning its
     newest good checkpoint (newer corrupt ones are skipped with a warning). Tensors are placed
-    on `map_location`. Raises CheckpointError naming the path and the problem."""
-    ckpt, meta = _resolve(Path(path))
+    on `map_location`. Raises CheckpointError naming the path and the problem. verify=False
+    skips hashing a checkpoint directory that `scan_checkpoints` has just verified."""
+    if not verify and (Path(path) / META).is_file():
+        ckpt, meta = Path(path), _read_meta(Path(path))
+    else:
+        ckpt, meta = _resolve(Path(path))
     device = str(map_location)
     model = _load_tensors(ckpt / MODEL, device)
     ema = _load_tensors(ckpt / EMA, device) if EMA in meta["files"] else None
@@ -576,13 +620,13 @@ def _resolve(path: Path) -> tuple[Path, dict[str, Any]]:
     if path.is_file() or (path / META).exists() or _STEP_DIR.fullmatch(path.name):
         verify_checkpoint(path)
         return path, _read_meta(path)
-    latest = find_latest(path)  # verifies
+    latest, problems = scan_checkpoints(path)  # verifies
     if latest is not None:
+        for problem in problems:
+            warnings.warn(f"{problem}; skipping it (left on disk for inspection)", stacklevel=3)
         return latest, _read_meta(latest)
-    broken = list_checkpoints(path)
-    if broken:
-        raise CheckpointError(f"no good checkpoint in {_checkpoints_dir(path)}: all {len(broken)} are corrupt "
-                              "(see the warnings above)")
+    if problems:
+        raise CheckpointError(f"no usable checkpoint in {_checkpoints_dir(path)}: {'; '.join(problems)}")
     raise CheckpointError(f"no checkpoint in {path}: expected {CHECKPOINTS}/step_NNNNNNNNN directories "
                           "with a meta.json; pass a run directory, its checkpoints directory or one checkpoint")
 
@@ -615,9 +659,13 @@ def _load_state(path: Path, map_location: str | torch.device) -> dict[str, Any]:
 
 
 def _unpickler_reason(error: Exception) -> str:
-    """The informative line of torch's multi-line weights_only error (which global it refused)."""
+    """The informative line of torch's multi-line weights_only error (which global it refused).
+
+    torch's text also advises retrying with weights_only=False, which would run the file's code;
+    no line that mentions weights_only is ever passed on."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:
-        if "WeightsUnpickler error" in line:
-            return line
-    return lines[0] if lines else type(error).__name__
+    for marker in ("WeightsUnpickler error", "GLOBAL", "unsupported", "Unsupported"):
+        for line in lines:
+            if marker in line and "weights_only" not in line:
+                return line
+    return "it holds objects other than tensors and plain Python data"

@@ -26,12 +26,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fvdm import media
 from fvdm.build import build_dataset, build_model, build_schedule, num_timesteps_for_training, resolve_device
-from fvdm.config import Config, from_dict, save_config
+from fvdm.config import Config, from_dict, read_config_file, save_config
 from fvdm.diffusion import clean_prefix_mask, diffusion_loss, min_snr_weights, sample_timesteps
 from fvdm.errors import UserError
 from fvdm.precision import resolve_precision
 from fvdm.train import distributed as D
-from fvdm.train.checkpoint import find_latest, list_checkpoints, load_checkpoint, save_checkpoint
+from fvdm.train.checkpoint import find_latest, load_checkpoint, save_checkpoint, scan_checkpoints
+from fvdm.train.lock import RunLock
 from fvdm.train.ema import EMA
 from fvdm.train.rng import capture_rng
 
@@ -77,6 +78,14 @@ class ClipOrder:
         return out
 
 
+class Diverged(Exception):
+    """The loss or the gradients of a step (1-based) became non-finite; no update was made."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"step {step}: {what}")
+        self.step, self.what = step, what
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -88,11 +97,24 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: str | Path | bool | None = None,
-                 progress: bool = True, console=None):
+                 progress: bool = True, console=None, start_fresh: bool = False):
+        """resume: None (a new run: the directory must hold no checkpoints), True (the latest
+        usable checkpoint of run_dir; none there yet: step 0), or a checkpoint path.
+        start_fresh: with resume=True, train from step 0 when run_dir holds checkpoints of which
+        none is usable (else that is refused, naming each and why)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.console = console
+        self.lock = RunLock(self.run_dir)
+        try:
+            self._init(resume, start_fresh)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init(self, resume, start_fresh: bool) -> None:
+        cfg = self.cfg
         device = resolve_device(cfg.train.device)
         self.world = D.init_world(device)
         self.device = D.local_device(device, self.world)
@@ -103,7 +125,7 @@ class Trainer:
         self.local_batch = tc.batch_size // self.world.size
         self.precision = resolve_precision(tc.precision, self.device)
 
-        self.ckpt_to_load = self._prepare_run_dir(resume)
+        self.ckpt_to_load = self._prepare_run_dir(resume, start_fresh)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank and every run
         self.model = build_model(cfg).to(self.device)
         if self.model.y_embedder is not None:
@@ -118,44 +140,63 @@ class Trainer:
             raise UserError("the dataset is empty")
         self.order = ClipOrder(len(self.dataset), cfg.data.seed)
         self.step = 0
+        self.last_good: Path | None = None  # the newest checkpoint known good: loaded or saved here
         if self.ckpt_to_load is not None:
             self._load(self.ckpt_to_load)
+        if self.world.is_main:
+            # Written once the checkpoint is known to fit; not rewritten when unchanged (resume).
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            dropped = media.truncate_jsonl(self.run_dir / "metrics.jsonl", lambda r: r.get("step", 0) <= self.step)
+            if dropped:
+                self._log(f"metrics.jsonl: dropped {dropped} records of steps after {self.step} (written after "
+                          "the checkpoint; they are trained again)")
+        D.barrier(self.world)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None) if self.world.distributed else self.model)
         self._stop_signal: str | None = None
 
     # ------------------------------------------------------------------ run directory
 
-    def _prepare_run_dir(self, resume) -> Path | None:
-        """Refuse to mix a new run into an old one; find the checkpoint to resume from."""
+    def close(self) -> None:
+        """Release the run directory (also done by the OS if the process dies)."""
+        self.lock.release()
+
+    def _prepare_run_dir(self, resume, start_fresh: bool = False) -> Path | None:
+        """Lock the run directory, refuse to mix a new run into an old one, and find the
+        (verified) checkpoint to resume from."""
+        if self.world.is_main:
+            self.lock.acquire()  # before anything is read: another trainer may be writing
         ckpt_dir = self.run_dir / "checkpoints"
         cfg_file = self.run_dir / "config.yaml"
+        self._scanned = False
+        if start_fresh and resume is not True:
+            raise UserError("--start-fresh goes with --resume (it says what to do when no checkpoint is usable)")
         if resume in (None, False):
             if ckpt_dir.is_dir() and any(ckpt_dir.glob("step_*")):
                 raise UserError(f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
                                 "or choose another --out")
             target = None
-        elif resume is True:  # the latest good checkpoint of this run dir, if any
-            target = self.run_dir if list_checkpoints(self.run_dir) else None
+        elif resume is True:  # the latest good checkpoint of this run dir; none yet: step 0
+            target, problems = scan_checkpoints(self.run_dir)
+            self._scanned = True  # verified just now
+            if target is None and problems:
+                if not start_fresh:
+                    raise UserError(f"--resume: no usable checkpoint in {ckpt_dir}: {'; '.join(problems)}. Pass "
+                                    "--start-fresh as well to train from step 0 anyway (the unusable checkpoints "
+                                    "stay on disk until replaced)")
+                self._log(f"--start-fresh: no usable checkpoint in {ckpt_dir}; training from step 0")
+            for problem in problems if target is not None else ():
+                self._log(f"skipping {problem} (left on disk for inspection)")
         else:
             target = Path(resume)
             if not target.exists():
                 raise UserError(f"--resume {target}: no such checkpoint or run directory")
         if target is not None and cfg_file.is_file():
             self._check_same_model(cfg_file)
-        if self.world.is_main:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                save_config(self.cfg, cfg_file)
-            except OSError as e:
-                raise UserError(f"cannot write the run directory {self.run_dir}: {e.strerror or e}") from None
-        D.barrier(self.world)
         return target
 
     def _check_same_model(self, cfg_file: Path) -> None:
-        import yaml
-
-        old = from_dict(yaml.safe_load(cfg_file.read_text()) or {})
+        old = from_dict(read_config_file(cfg_file))
         if old.model != self.cfg.model or old.data.vae != self.cfg.data.vae:
             raise UserError(f"--resume: the model in {cfg_file} differs from the one configured now; "
                             "resume with the run's own config (its model section must not change)")
@@ -163,7 +204,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _load(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, map_location="cpu")
+        ckpt = load_checkpoint(path, map_location="cpu", verify=not self._scanned)
         try:
             self.model.load_state_dict(ckpt.model)
             self.ema.load_state_dict(ckpt.ema if ckpt.ema is not None else ckpt.model)
@@ -171,6 +212,7 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as e:
             raise UserError(f"checkpoint {ckpt.path} does not fit this model/optimizer: {str(e).splitlines()[0]}") from None
         self.step = int(ckpt.state["step"])
+        self.last_good = ckpt.path
         self._log(f"resumed from {ckpt.path} at step {self.step}")
 
     def save(self) -> Path | None:
@@ -181,6 +223,7 @@ class Trainer:
                      "world_size": self.world.size}
             path = save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self.ema.state_dict(), state,
                                    config=self.cfg.to_dict(), keep=self.cfg.train.keep_checkpoints or None)
+            self.last_good = path
         D.barrier(self.world)
         return path
 
@@ -236,11 +279,14 @@ class Trainer:
                                  backend=self.model.backend)
         loss = out.loss
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower train.lr or set train.grad_clip")
+            raise Diverged(step + 1, f"the loss became {loss.item()}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         clip = tc.grad_clip if tc.grad_clip is not None and step >= tc.grad_clip_after else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if not torch.isfinite(grad_norm):  # checked before the update: the weights stay finite
+            self.opt.zero_grad(set_to_none=True)
+            raise Diverged(step + 1, f"the gradient norm became {grad_norm.item()}")
         self.opt.step()
         self.ema.update(self.model, step)
         return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "lr": lr}
@@ -248,6 +294,29 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        except Diverged as e:
+            raise UserError(self._divergence_message(e)) from None
+
+    def _divergence_message(self, e: Diverged) -> str:
+        tc = self.cfg.train
+        if self.last_good is not None:
+            saved = f"the last checkpoint, {self.last_good}, is kept (nothing was saved after it)"
+        else:
+            saved = "no checkpoint was saved in this run"
+        tries = [f"a lower train.lr (now {tc.lr:g})"]
+        if tc.grad_clip is None:
+            tries.append("train.grad_clip=1.0")
+        if not tc.warmup_steps:
+            tries.append("train.warmup_steps=100")
+        if tc.precision != "fp32":
+            tries.append("train.precision=fp32")
+        resume = ", then --resume" if self.last_good is not None else ""
+        return (f"training diverged at step {e.step}: {e.what}; {saved}; metrics up to there are in "
+                f"{self.run_dir / 'metrics.jsonl'}. Try {', '.join(tries)}{resume}")
+
+    def _run(self) -> TrainResult:
         tc = self.cfg.train
         metrics_path = self.run_dir / "metrics.jsonl"
         last_ckpt = None
@@ -381,11 +450,13 @@ class Trainer:
             (self.console or Console(stderr=True)).print(msg, highlight=False, soft_wrap=True)
 
 
-def train(cfg: Config, run_dir: str | Path, resume=None, progress: bool = True) -> TrainResult:
-    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
+def train(cfg: Config, run_dir: str | Path, resume=None, progress: bool = True,
+          start_fresh: bool = False) -> TrainResult:
+    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress, start_fresh=start_fresh)
     try:
         return trainer.run()
     finally:
+        trainer.close()
         D.shutdown(trainer.world)
 
 

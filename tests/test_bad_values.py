@@ -1,0 +1,133 @@
+"""Values the config must refuse at load time (one UserError naming the key and its range), and
+bad `sample` options and files: each one line and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+
+from fvdm.cli import main
+from fvdm.config import RANGES, Config, load_config
+from fvdm.errors import UserError
+
+TINY = [
+    "model.size=T/2", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2",
+    "data.size=8", "data.num_frames=4", "data.num_videos=32", "train.batch_size=2", "train.steps=2",
+    "train.ckpt_every=2", "train.log_every=1", "train.sample_steps=2", "train.sample_videos=1",
+    "sample.steps=2", "sample.num_videos=1", "train.precision=fp32", "model.self_condition=false",
+    "model.conv_head=0",
+]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=nan", "train.lr"), ("train.lr=inf", "train.lr"), ("train.lr=.inf", "train.lr"),
+    ("train.weight_decay=nan", "train.weight_decay"), ("train.betas=[nan,0.999]", "train.betas[0]"),
+    ("train.betas=[0.9,2.0]", "train.betas[1]"), ("train.grad_clip=nan", "train.grad_clip"),
+    ("train.lr_min=nan", "train.lr_min"), ("train.lr_min=-1", "train.lr_min"),
+    ("model.mlp_ratio=nan", "model.mlp_ratio"), ("model.hidden_size=-4", "model.hidden_size"),
+    ("model.patch_size=0", "model.patch_size"), ("diffusion.num_timesteps=1", "diffusion.num_timesteps"),
+    ("diffusion.noise_bias=nan", "diffusion.noise_bias"), ("sample.noise_scale=nan", "sample.noise_scale"),
+    ("sample.eta=-1", "sample.eta"), ("sample.guidance_scale=nan", "sample.guidance_scale"),
+    ("data.size=1000000000000", "data.size"), ("train.seed=-1", "train.seed"),
+    ("sample.steps=1001", "sample.steps"), ("train.max_minutes=inf", "train.max_minutes"),
+    ("diffusion.ptss_p=nan", "diffusion.ptss_p"), ("train.ema_decay=nan", "train.ema_decay"),
+])
+def test_out_of_range_values_are_refused_naming_key_and_range(override, key):
+    with pytest.raises(UserError) as info:
+        load_config("demo_cpu", [override])
+    message = str(info.value)
+    assert message.startswith(f"{key} must ") and "\n" not in message, message
+    assert " in [" in message or " in (" in message or ">" in message, message  # the range is given
+
+
+def test_every_numeric_field_has_a_range():
+    numeric = []
+    for section in dataclasses.fields(Config):
+        if section.name == "name":
+            continue
+        hints = typing.get_type_hints(section.default_factory)
+        for f in dataclasses.fields(section.default_factory):
+            args = typing.get_args(hints[f.name]) or (hints[f.name],)
+            if any(a in (int, float) for a in args) and f.name != "betas":  # betas: checked per entry
+                numeric.append(f"{section.name}.{f.name}")
+    assert sorted(set(numeric) - set(RANGES)) == []
+    load_config("demo_cpu")  # the defaults and shipped configs lie inside
+    for name in ("ffs", "sky", "ucf101", "taichi"):
+        load_config(name, ["data.root=videos"])
+
+
+def test_non_utf8_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"train:\n  lr: 1e-4  # caf\xe9\n")
+    with pytest.raises(UserError, match=r"bad\.yaml is not UTF-8"):
+        load_config(bad)
+    with pytest.raises(UserError, match="is a directory"):
+        load_config(tmp_path)
+
+
+# ----------------------------------------------------------------------------- sample
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    old = sys.argv
+    sys.argv = ["fvdm", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    from fvdm.train.trainer import train
+
+    run = tmp_path_factory.mktemp("bad") / "run"
+    train(load_config("demo_cpu", TINY), run, progress=False)
+    return run
+
+
+@pytest.mark.parametrize("args, words", [
+    (["unconditional", "--method", "foo"], ["--method", "foo"]),
+    (["unconditional", "--method", "euler"], ["euler", "flow"]),
+    (["unconditional", "--steps", "1001"], ["--steps", "1000"]),
+    (["interpolate", "--keyframes", "0,1,2,3"], ["--keyframes", "every frame"]),
+    (["interpolate", "--keyframes", ","], ["--keyframes"]),
+    (["interpolate", "--keyframes", ""], ["--keyframes"]),
+    (["unconditional", "--method", "ddim", "--eta", "nan"], ["--eta"]),
+    (["unconditional", "--eta", "-1"], ["--eta"]),
+    (["unconditional", "--guidance", "nan"], ["--guidance"]),
+    (["i2v", "--video", "x.mp4"], ["--video", "i2v"]),
+    (["unconditional", "--image", "x.png"], ["--image"]),
+    (["unconditional", "--device", "tpu"], ["--device", "tpu"]),
+    (["unconditional", "--seed", "-1"], ["--seed"]),
+    (["unconditional", "--config", "x"], ["--config"]),  # an option sample does not have
+])
+def test_bad_sample_options_are_one_line(capsys, run_dir, tmp_path, args, words):
+    code, _, err = cli(capsys, "sample", *args, "--run", str(run_dir), "--out", str(tmp_path / "o"), "--no-progress")
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+    assert "train.device" not in lines[0]
+
+
+def test_a_zero_frame_video_is_named(capsys, run_dir, tmp_path):
+    from fvdm import media
+
+    folder = tmp_path / "frames"
+    folder.mkdir()  # an empty frame folder: a video of 0 frames
+    code, _, err = cli(capsys, "sample", "extend", "--video", str(folder), "--run", str(run_dir), "--out",
+                       str(tmp_path / "o"), "--no-progress")
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "None" not in lines[0], err
