@@ -122,12 +122,70 @@ def test_bad_sample_options_are_one_line(capsys, run_dir, tmp_path, args, words)
     assert "train.device" not in lines[0]
 
 
-def test_a_zero_frame_video_is_named(capsys, run_dir, tmp_path):
-    from fvdm import media
+def test_a_zero_frame_video_is_named(monkeypatch):
+    """A container with a video stream that decodes to no frames (the message said 'frame None')."""
+    import types
 
-    folder = tmp_path / "frames"
-    folder.mkdir()  # an empty frame folder: a video of 0 frames
-    code, _, err = cli(capsys, "sample", "extend", "--video", str(folder), "--run", str(run_dir), "--out",
-                       str(tmp_path / "o"), "--no-progress")
+    from fvdm.data import video_folder
+
+    class NoFrames:
+        streams = types.SimpleNamespace(video=[object()])
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def decode(self, stream):
+            return iter(())
+
+    monkeypatch.setattr(video_folder.av, "open", lambda *args, **kwargs: NoFrames())
+    with pytest.raises(UserError) as info:
+        video_folder.read_frames(Path("empty.mp4"))
+    assert "None" not in str(info.value) and "no decodable frames" in str(info.value)
+
+
+def test_a_torchscript_detector_that_raises_is_one_user_error(tmp_path):
+    """A `raise` inside TorchScript surfaces as torch.jit.Error, which is not a RuntimeError."""
+    from fvdm.eval.fvd import load_i3d
+
+    class Raises(torch.nn.Module):
+        def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                    return_features: bool = False) -> torch.Tensor:  # the I3D's keywords
+            if x.shape[0] > 0:
+                raise ValueError("detector refuses this input")
+            return x.float().flatten(1)
+
+    path = tmp_path / "i3d.pt"
+    torch.jit.script(Raises()).save(str(path))
+    detector = load_i3d(path)
+    with pytest.raises(UserError, match="i3d.pt failed on a uint8 batch"):
+        detector(torch.zeros(1, 4, 8, 8, 3, dtype=torch.uint8))
+
+
+def test_checkpoint_messages(capsys, run_dir, tmp_path):
+    import shutil
+
+    import yaml
+
+    ckpt = run_dir / "checkpoints" / "step_000000002"
+    # --ckpt naming one step folder without meta.json: say so, not "train first"
+    broken = tmp_path / "checkpoints" / "step_000000002"
+    shutil.copytree(ckpt, broken)
+    (broken / "meta.json").unlink()
+    code, _, err = cli(capsys, "sample", "unconditional", "--run", str(run_dir), "--ckpt", str(broken),
+                       "--out", str(tmp_path / "o"), "--no-progress")
     lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and "None" not in lines[0], err
+    assert code == 2 and len(lines) == 1 and "no meta.json" in lines[0] and "train first" not in lines[0], err
+    # a checkpoint of another model size: which tensors differ, in one line
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["model"]["hidden_size"] = 64
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = cli(capsys, "sample", "unconditional", "--run", str(other), "--ckpt", str(ckpt),
+                       "--out", str(tmp_path / "o"), "--no-progress")
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "differ in shape" in lines[0] and "32]" in lines[0], err
+    assert lines[0].rstrip().endswith(")"), err  # not cut off after "for Latte:"

@@ -198,3 +198,39 @@ def test_non_contiguous_last_dim_and_bad_scale_are_rejected():
     for bad in (-1.0, 0.0, float("nan")):
         with pytest.raises(ValueError, match="scale must be a positive finite number"):
             temporal_attention(q, q, q, scale=bad)
+
+
+def test_head_dim_zero_names_the_argument():
+    q = torch.randn(1, 3, 2, 2, 0)
+    with pytest.raises(ValueError, match=r"head dim of q .*must be >= 1, got shape \(1, 3, 2, 2, 0\)"):
+        temporal_attention(q, q, q)
+    with pytest.raises(ValueError, match=r"head dim of qkv .*must be >= 1"):
+        temporal_attention_qkv(torch.randn(1, 3, 2, 3, 2, 0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(sign=st.sampled_from([1.0, -1.0]), at=st.tuples(st.integers(0, 3), st.integers(0, 1), st.integers(0, 1),
+                                                      st.integers(0, 3)),
+       causal=st.booleans(), masked=st.booleans(), zero_key=st.booleans(), seed=st.integers(0, 10_000))
+def test_infinite_query_puts_nan_where_documented(sign, at, causal, masked, zero_key, seed):
+    """NaN where the reference has NaN, and only one place more (as the docstring says): a
+    query whose allowed scores are all -inf (or NaN), where SDPA returns zeros."""
+    q, k, v = _qkv(1, 4, 2, 2, 4, torch.float32, seed, "contiguous")
+    q = q.clone()
+    q[(0, *at)] = sign * math.inf
+    if zero_key:
+        k = k.clone()
+        k[0, 1, :, :, at[-1]] = 0.0  # inf * 0: a NaN score
+    m = _mask(1, 4, seed, "random") if masked else None
+    fused = torch.isnan(temporal_attention(q, k, v, causal=causal, key_mask=m)).any(-1)
+    ref = torch.isnan(temporal_attention_ref(q, k, v, causal=causal, key_mask=m)).any(-1)
+    assert not (ref & ~fused).any()
+    allowed = torch.ones(4, 4, dtype=torch.bool)
+    if causal:
+        allowed = allowed.tril()
+    if m is not None:
+        allowed = allowed & m[0][None, :]
+    scores = torch.einsum("fnhd,gnhd->nhfg", q[0], k[0])
+    for f, n, h in (fused & ~ref)[0].nonzero().tolist():
+        row = scores[n, h, f][allowed[f]]
+        assert bool(((row == -math.inf) | row.isnan()).all()), (f, n, h, row)

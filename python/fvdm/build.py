@@ -16,15 +16,19 @@ from fvdm.models import Latte, latte_config
 
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, what: str = "train.device") -> torch.device:
+    """'auto' (CUDA if torch sees a GPU, else the CPU), cpu, cuda or cuda:N; `what` names the
+    setting in the error message (train.device, --device)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"{what} {name!r} is not a device fvdm runs on; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} was asked for but torch sees no CUDA device; use train.device=cpu "
+        raise UserError(f"{what} {name!r} was asked for but torch sees no CUDA device; use train.device=cpu "
                         "(or auto) in a config, --device cpu on the command line")
     return device
 

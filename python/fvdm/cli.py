@@ -397,21 +397,17 @@ def sample(
     for name, value in (("--num", num), ("--steps", steps), ("--frames", frames), ("--lag", lag)):
         if value is not None and value < 1:
             fail(f"{name} must be >= 1, got {value}")
-    for name, value in (("--noise-scale", noise_scale), ("--stg", stg)):
+    for name, value in (("--noise-scale", noise_scale), ("--stg", stg), ("--guidance", guidance)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             fail(f"{name} must be a finite number >= 0, got {value}")
-    idx = None
-    if keyframes is not None:
-        try:
-            idx = [int(v) for v in keyframes.split(",") if v.strip()]
-        except ValueError:
-            fail(f"--keyframes must be a comma list of frame indices like 0,7,15; got {keyframes!r}")
+    idx = _check_sample_options(method, eta, seed, num, frames, lag, keyframes)
     loaded = load_run(run, ckpt, use_ema=ema, device=_device_option(device))
     cfg, model = loaded.cfg, loaded.model
     if model.config.num_classes == 0 and (guidance is not None or label is not None):
         fail(f"{'--guidance' if guidance is not None else '--label'} is for class-conditional models; "
              f"this run's model has no classes (model.num_classes: 0)")
     Fw = model.config.num_frames
+    _check_sample_fits_run(cfg, Fw, method, steps, idx)
     tasks = list(TASKS) if task == "all" else [task]
     folders = _sample_folders(Path(run), tasks, out, single=task != "all")
     console.print(f"sampling {', '.join(tasks)} with {loaded.checkpoint} (step {loaded.step}, "
@@ -508,6 +504,43 @@ def _undertrained_note(loaded, run: Path) -> str:
     return (f"[bold yellow]note:[/] these samples come from a model trained {loaded.step} of {planned} steps "
             f"({why}), so expect worse videos than a full run gives. To train the rest: `make demo` again for the "
             f"demo, or python -m fvdm train --config {run / 'config.yaml'} --out {run} --resume")
+
+
+def _check_sample_options(method, eta, seed, num, frames, lag, keyframes) -> list[int] | None:
+    """`sample`'s options that need no run; returns the keyframe indices (None: not given)."""
+    from fvdm.diffusion.samplers import METHODS
+
+    if method is not None and method not in METHODS:
+        fail(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if eta is not None and not (math.isfinite(eta) and 0 <= eta <= 1):
+        fail(f"--eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+    if seed is not None and not 0 <= seed < 2**32:
+        fail(f"--seed must be an integer in [0, {2**32 - 1}], got {seed}")
+    for name, value, most in (("--num", num, 10**4), ("--frames", frames, 10**5), ("--lag", lag, 10**4)):
+        if value is not None and value > most:
+            fail(f"{name} must be at most {most}, got {value}")
+    if keyframes is None:
+        return None
+    try:
+        idx = [int(v) for v in keyframes.split(",") if v.strip()]
+    except ValueError:
+        idx = None
+    if not idx:
+        fail(f"--keyframes must be a comma list of frame indices like 0,7,15; got {keyframes!r}")
+    return idx
+
+
+def _check_sample_fits_run(cfg, num_frames: int, method, steps, idx) -> None:
+    """`sample`'s options checked against the run they sample."""
+    flow = cfg.diffusion.schedule == "flow"
+    if method is not None and (method == "euler") != flow:
+        fail(f"--method {method} does not fit this run's {cfg.diffusion.schedule} schedule: euler is for flow runs, "
+             "ddpm and ddim for the others")
+    if steps is not None and not flow and steps > cfg.diffusion.num_timesteps:
+        fail(f"--steps must lie in [1, {cfg.diffusion.num_timesteps}] (the run's diffusion.num_timesteps), got {steps}")
+    if idx is not None and set(range(num_frames)) <= set(idx):
+        fail(f"--keyframes {','.join(map(str, idx))} holds every frame of the model's {num_frames}-frame window: "
+             "nothing left to generate; leave at least one out")
 
 
 def _sprite_summary(cfg, videos: torch.Tensor, name: str) -> str:

@@ -231,9 +231,10 @@ def _check_number(key: str, value: Any, lo: float | None, hi: float | None, lo_o
 
 def _range_text(lo, hi, lo_open: bool, hi_open: bool, integer: bool) -> str:
     kind = "an integer" if integer else "a finite number"
+    fmt = lambda b: f"{b}" if isinstance(b, int) else f"{b:g}"  # noqa: E731
     if hi is None:
-        return f"{kind} {'>' if lo_open else '>='} {lo:g}"
-    return f"{kind} in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        return f"{kind} {'>' if lo_open else '>='} {fmt(lo)}"
+    return f"{kind} in {'(' if lo_open else '['}{fmt(lo)}, {fmt(hi)}{')' if hi_open else ']'}"
 
 
 # ----------------------------------------------------------------------------- loading

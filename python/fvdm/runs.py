@@ -13,7 +13,7 @@ from fvdm.build import build_dataset, build_model, resolve_device
 from fvdm.config import Config, from_dict, load_config
 from fvdm.errors import CheckpointError, UserError
 from fvdm.generate import Codec, Generated
-from fvdm.train.checkpoint import find_latest, load_checkpoint
+from fvdm.train.checkpoint import find_latest, is_step_dir, load_checkpoint, state_dict_mismatch
 
 
 @dataclass
@@ -35,7 +35,7 @@ def load_run(run: str | Path, checkpoint: str | Path | None = None, use_ema: boo
     if not run.exists():
         raise UserError(f"{run}: no such run or checkpoint directory")
     target = Path(checkpoint) if checkpoint is not None else run
-    if target.is_dir() and not (target / "meta.json").exists():
+    if target.is_dir() and not (target / "meta.json").exists() and not is_step_dir(target):
         latest = find_latest(target)
         if latest is None:
             raise CheckpointError(f"{target} has no complete checkpoint (train first, or give --ckpt)")
@@ -48,15 +48,15 @@ def load_run(run: str | Path, checkpoint: str | Path | None = None, use_ema: boo
         cfg = from_dict(ckpt.meta["config"]).validate()
     else:
         raise UserError(f"no config.yaml in {run} and none stored in {ckpt.path}")
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     model = build_model(cfg)
     ema = (cfg.sample.use_ema if use_ema is None else use_ema) and ckpt.ema is not None
     weights = ckpt.ema if ema else ckpt.model
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {ckpt.path} does not fit the model of its config: "
-                              f"{str(e).splitlines()[0]}") from None
+    mismatch = state_dict_mismatch(model, weights)
+    if mismatch:
+        raise CheckpointError(f"checkpoint {ckpt.path} does not fit the model configured in "
+                              f"{cfg_file if cfg_file.is_file() else 'its meta.json'} (another model size?): {mismatch}")
+    model.load_state_dict(weights)
     model = model.to(dev).eval()
     codec = Codec()
     if cfg.data.vae:

@@ -113,6 +113,8 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # a VAE encode costs far more than this
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -62,6 +62,8 @@ def read_frames(path: Path, indices: Sequence[int] | None = None) -> torch.Tenso
                 if last is not None and k >= last:
                     break
         order = sorted(frames) if indices is None else list(indices)
+        if not frames and last is None:
+            raise UserError(f"video {path} has no decodable frames; it may be empty or truncated: re-encode it")
         if not frames or any(k not in frames for k in order):
             raise UserError(f"video {path} has only {count} decodable frames but frame {last} was needed; "
                             "it may be truncated: re-encode it or remove it")

@@ -90,7 +90,7 @@ class Detector:
         except torch.OutOfMemoryError:
             raise UserError(f"{self.option} ran out of device memory on a batch of shape {tuple(x.shape)}; "
                             "lower --batch-size") from None
-        except (RuntimeError, TypeError) as e:
+        except (RuntimeError, TypeError, ValueError, torch.jit.Error) as e:  # jit.Error: a `raise` in TorchScript
             raise UserError(f"{self.option} {self.path} failed on a uint8 batch of shape {tuple(x.shape)} "
                             f"({_first_line(e)}); is it {self.expects}?") from None
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:

@@ -25,12 +25,26 @@ def temporal_attention(
     """softmax(q k^T * scale) v along F. q, k, v: (B, F, N, H, Dh), any strides with a contiguous
     last dim (e.g. ``qkv.unbind(3)`` of a (B, F, N, 3, H, Dh) buffer). causal: frame i sees
     frames <= i. key_mask: (B, F) bool, true = may be attended. scale: default 1/sqrt(Dh).
-    Returns (B, F, N, H, Dh) contiguous. A query with no allowed key gets zeros."""
+    Returns (B, F, N, H, Dh) contiguous. A query with no allowed key gets zeros.
+
+    Non-finite inputs: NaN reaches the output rows it reaches in the reference, plus one case
+    more. A query whose every allowed score is -inf (a -inf in q against keys of one sign) has
+    no defined softmax; torch's scaled_dot_product_attention (ops.reference) returns zeros
+    there, as for a fully masked row, while this kernel returns NaN, so that a non-finite input
+    shows instead of passing for a masked row."""
     require_c()
     ensure_checked("temporal_attention", q)
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+        scale = _default_scale(q, "q")
     return torch.ops.fvdm.temporal_attention(q, k, v, key_mask, causal, scale)[0]
+
+
+def _default_scale(t: torch.Tensor, name: str) -> float:
+    """1/sqrt(Dh), Dh = t's last dimension, which must be >= 1."""
+    if t.dim() == 0 or t.shape[-1] < 1:
+        raise ValueError(f"temporal_attention: the head dim of {name} (its last dimension, Dh) must be >= 1, "
+                         f"got shape {tuple(t.shape)}")
+    return 1.0 / math.sqrt(t.shape[-1])
 
 
 def temporal_attention_qkv(
@@ -47,7 +61,7 @@ def temporal_attention_qkv(
     require_c()
     ensure_checked("temporal_attention", qkv)
     if scale is None:
-        scale = 1.0 / math.sqrt(qkv.shape[-1])
+        scale = _default_scale(qkv, "qkv")
     return torch.ops.fvdm.temporal_attention_qkv(qkv, key_mask, causal, scale)[0]
 
 

@@ -49,7 +49,7 @@ import fvdm
 from fvdm.errors import CheckpointError
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "find_latest",
-           "scan_checkpoints", "list_checkpoints", "step_dir_name"]
+           "scan_checkpoints", "list_checkpoints", "step_dir_name", "is_step_dir", "state_dict_mismatch"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -87,6 +87,11 @@ class Checkpoint:
     def config(self) -> dict[str, Any] | None:
         """The config dict given to `save_checkpoint`."""
         return self.meta.get("config")
+
+
+def is_step_dir(path: PathLike) -> bool:
+    """True if `path` is named like one checkpoint (`step_NNNNNNNNN`), complete or not."""
+    return _STEP_DIR.fullmatch(Path(path).name) is not None
 
 
 def step_dir_name(step: int) -> str:
@@ -669,3 +674,24 @@ def _unpickler_reason(error: Exception) -> str:
             if marker in line and "weights_only" not in line:
                 return line
     return "it holds objects other than tensors and plain Python data"
+
+
+def state_dict_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """How `state` fails to fit `model`, in one line (None: it fits): how many tensors differ in
+    shape, are missing or unexpected, with the first of each (load_state_dict's own message runs
+    to hundreds of lines for a model of another size)."""
+    own = model.state_dict()
+    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    parts = []
+    if shapes:
+        k, theirs, ours = shapes[0]
+        parts.append(f"{len(shapes)} tensor(s) differ in shape (first {k}: checkpoint {list(theirs)}, "
+                     f"model {list(ours)})")
+    if missing:
+        parts.append(f"{len(missing)} missing from the checkpoint (first {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} not in the model (first {unexpected[0]})")
+    return "; ".join(parts) or None

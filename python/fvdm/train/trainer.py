@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,8 @@ from fvdm.diffusion import clean_prefix_mask, diffusion_loss, min_snr_weights, s
 from fvdm.errors import UserError
 from fvdm.precision import resolve_precision
 from fvdm.train import distributed as D
-from fvdm.train.checkpoint import find_latest, load_checkpoint, save_checkpoint, scan_checkpoints
+from fvdm.train.checkpoint import (find_latest, load_checkpoint, save_checkpoint, scan_checkpoints,
+                                   state_dict_mismatch)
 from fvdm.train.lock import RunLock
 from fvdm.train.ema import EMA
 from fvdm.train.rng import capture_rng
@@ -186,7 +188,7 @@ class Trainer:
                                     "stay on disk until replaced)")
                 self._log(f"--start-fresh: no usable checkpoint in {ckpt_dir}; training from step 0")
             for problem in problems if target is not None else ():
-                self._log(f"skipping {problem} (left on disk for inspection)")
+                warnings.warn(f"{problem}; skipping it (left on disk for inspection)", stacklevel=2)
         else:
             target = Path(resume)
             if not target.exists():
@@ -205,6 +207,9 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location="cpu", verify=not self._scanned)
+        mismatch = state_dict_mismatch(self.model, ckpt.model)
+        if mismatch:
+            raise UserError(f"checkpoint {ckpt.path} does not fit this model: {mismatch}")
         try:
             self.model.load_state_dict(ckpt.model)
             self.ema.load_state_dict(ckpt.ema if ckpt.ema is not None else ckpt.model)
