@@ -66,9 +66,11 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def one_line(err: str) -> str:
+    """The one error line, the last thing printed (train may print what it runs on before it)."""
     lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    return lines[0]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
+    return errors[0]
 
 
 def metric_steps(run: Path) -> list[int]:
