@@ -120,9 +120,11 @@ def test_time_guard_says_so_at_the_end_of_training_and_of_sampling(tmp_path, cap
 
     monkeypatch.setattr(trainer_module, "_TEST_STEP_DELAY", 0.2)
     run = tmp_path / "run"
-    code, out, err = cli(capsys, "train", "--out", str(run), "--no-progress", *TINY, "train.steps=40",
-                         "train.ckpt_every=1000", "train.max_minutes=0.01")
+    code, out, err = cli(capsys, "train", "--out", str(run), *TINY, "train.steps=40", "train.ckpt_every=1000",
+                         "train.max_minutes=0.01", "train.log_every=1000")
     assert code == 0, err
+    bar = next(line for line in out.splitlines() if line.startswith("train "))  # its last render
+    assert "(time cap)" in bar and "loss --" in bar and "nan" not in bar, bar
     step = int(re.search(r"stopped training at step (\d+) of 40", out).group(1))
     assert 1 <= step < 40
     assert "stopped early" in out and "under-trained" in out and "--resume" in out
