@@ -42,7 +42,8 @@ test: build test-cuda-emu
 EMU_BUILD ?= build/cuda-emu
 ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
 cuda-emu: $(VENV)/.deps
-	$(VENV)/bin/cmake -S . -B $(EMU_BUILD) -GNinja -DFVDM_CUDA_EMULATION=ON -DPython_EXECUTABLE=$(abspath $(PY)) \
+	$(VENV)/bin/cmake -S . -B $(EMU_BUILD) -GNinja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+	  -DFVDM_CUDA_EMULATION=ON -DPython_EXECUTABLE=$(abspath $(PY)) \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > /dev/null
 	$(VENV)/bin/cmake --build $(EMU_BUILD)
 

@@ -103,7 +103,8 @@ def main() -> int:
     py = sys.executable
     prefix = run([py, "-c", "import torch; print(torch.utils.cmake_prefix_path)"]).stdout.strip()
     cmake = str(Path(py).parent / "cmake")
-    cfg = run([cmake, "-S", str(src), "-B", str(bld), "-GNinja", "-DFVDM_CUDA_EMULATION=ON",
+    cfg = run([cmake, "-S", str(src), "-B", str(bld), "-GNinja", f"-DCMAKE_MAKE_PROGRAM={Path(py).parent / 'ninja'}",
+               "-DFVDM_CUDA_EMULATION=ON",
                f"-DPython_EXECUTABLE={py}", f"-DCMAKE_PREFIX_PATH={prefix}"])
     if cfg.returncode:
         print(cfg.stdout, cfg.stderr)
@@ -129,7 +130,7 @@ def main() -> int:
                         str(ROOT / "tests" / "test_cuda_emulation.py")], env=env, cwd=ROOT)
             text = test.stdout + test.stderr
             outcome = "caught" if test.returncode else "MISSED"
-            lines = [ln for ln in text.splitlines() if "AddressSanitizer" in ln or "Error" in ln or "assert" in ln]
+            lines = [ln for ln in text.splitlines() if "ERROR: AddressSanitizer" in ln or ln.startswith("E  ")]
             detail = (lines[0] if lines else text.strip().splitlines()[-1] if text.strip() else "")[:300]
         path.write_text(original)
         results.append({"mutant": name, "outcome": outcome, "seconds": round(time.time() - t0, 1), "how": detail})
