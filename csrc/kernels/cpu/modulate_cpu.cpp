@@ -168,7 +168,13 @@ void adaln_fwd_impl(const AdalnFwdParams& p) {
       const opmath_t* __restrict__ r = load_row(x + row * D, in_buf.data(), D);
       const opmath_t* __restrict__ sh = t.a.data();
       const opmath_t* __restrict__ sc1 = t.b.data();
-      const opmath_t mean = lane_sum<opmath_t>(D, [r](int64_t d) { return r[d]; }) * inv_d;
+      // Two passes, the first shifted by the row's first value: a constant row (even of large
+      // values, or of values like 3.3 whose D-fold sum rounds) then has x - k = 0 exactly, so
+      // its mean is exact, x - mean is 0 and the output is exactly shift, as in the reference.
+      // k is read from the source row: read as r[0] (r is __restrict__ and, for bf16 / fp16, the
+      // same buffer every row) the GCC build here gave the previous row's value.
+      const opmath_t k = static_cast<opmath_t>(x[row * D]);
+      const opmath_t mean = k + lane_sum<opmath_t>(D, [r, k](int64_t d) { return r[d] - k; }) * inv_d;
       const opmath_t sq = lane_sum<opmath_t>(D, [r, mean](int64_t d) { return (r[d] - mean) * (r[d] - mean); });
       const opmath_t rstd = opmath_t(1) / std::sqrt(sq * inv_d + eps);
       mean_out[row] = mean;
