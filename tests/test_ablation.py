@@ -8,6 +8,7 @@ import json
 
 import yaml
 
+from fvdm.eval.i3d import KNOWN_SHA256
 from test_cli import TINY, cli
 
 SMALL = TINY + ["data.size=16", "model.patch_size=4"]
@@ -24,6 +25,8 @@ def test_ablation_end_to_end(capsys, tmp_path):
     assert {a: v["ptss_p"] for a, v in doc["arms"].items()} == {"ptss": 0.2, "scalar": 0.0, "independent": 1.0}
     for col in doc["columns"].values():
         assert set(col) == {"unconditional", "i2v", "interpolate", "extend", "long"}
+        assert col["unconditional"]["model"]["i3d_fvd"] >= 0 and col["unconditional"]["data"]["i3d_fvd"] >= 0
+    assert doc["i3d"]["sha256"] == KNOWN_SHA256 and "i3d_fvd" in stdout
     # the arms differ in PTSS p and nothing else
     cfgs = {a: yaml.safe_load((out_dir / a / "config.yaml").read_text()) for a in doc["arms"]}
     for c in cfgs.values():
@@ -32,7 +35,7 @@ def test_ablation_end_to_end(capsys, tmp_path):
     assert "scalar (replace)" in stdout and "interpolate" in stdout
     # a second run trains nothing new: the checkpoints are untouched
     before = {p: p.stat().st_mtime_ns for p in out_dir.rglob("*.safetensors")}
-    code, _, err = cli(capsys, *args)
+    code, _, err = cli(capsys, *args, "--no-i3d-fvd")
     assert code == 0, err
     assert {p: p.stat().st_mtime_ns for p in out_dir.rglob("*.safetensors")} == before
 

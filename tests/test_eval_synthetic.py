@@ -14,11 +14,13 @@ import torch
 from fvdm.config import load_config
 from fvdm.data import MovingSprites
 from fvdm.errors import UserError
+from fvdm.eval import i3d
 from fvdm.eval.synthetic import (
     _extension_metrics,
     _interpolation_metrics,
     evaluate_synthetic,
     frame_hue,
+    i3d_clips,
     identity_transfer,
     proxy_fvd,
     proxy_network,
@@ -108,6 +110,9 @@ def test_eval_synthetic_command(tiny_run, capsys):
     assert tasks["unconditional"]["data"]["frames_with_expected_count"] == 1.0
     assert tasks["long"]["data"]["frames_with_expected_count"] == 1.0
     assert tasks["i2v"]["data"]["colour_error"] < 0.1
+    # the I3D FVD beside the proxy FVD, with its real-vs-real floor, and which I3D made it
+    assert tasks["unconditional"]["model"]["i3d_fvd"] > 0 and tasks["unconditional"]["data"]["i3d_fvd"] > 0
+    assert result["i3d"]["sha256"] == i3d.KNOWN_SHA256 and result["i3d"]["name"] == i3d.NAME
     for task in tasks.values():
         assert all(isinstance(v, float) for v in task["model"].values())
     assert "interpolate" in out and "psnr" in out
@@ -172,3 +177,12 @@ def test_proxy_fvd_separates_real_from_wrong_videos():
     # the same network on every call (fixed seed), so numbers compare across runs
     x = torch.cat([a[:2], a[:2]], dim=2).transpose(1, 2)
     assert torch.equal(proxy_network(3)(x), proxy_network(3)(x))
+
+
+def test_i3d_clips_are_fvd_bytes_repeated_in_time_up_to_the_i3d_minimum():
+    videos = torch.linspace(-1, 1, 8).view(1, 8, 1, 1, 1).expand(2, 8, 1, 4, 6)  # grey, 8 frames
+    clips = i3d_clips(videos)
+    assert clips.dtype == torch.uint8 and clips.shape == (2, 3, 16, 4, 6)
+    want = ((torch.linspace(-1, 1, 8) * 0.5 + 0.5) * 255 + 0.5).clamp(0, 255).floor().to(torch.uint8)
+    assert torch.equal(clips[0, 1, :, 2, 3], want.repeat_interleave(2))
+    assert i3d_clips(torch.zeros(1, 9, 3, 4, 4)).shape == (1, 3, 9, 4, 4)  # 9 frames: as they are

@@ -251,6 +251,8 @@ def bench_ablation(
     videos: Annotated[int, typer.Option(min=1, help="held-out videos per task")] = 32,
     steps: Annotated[int | None, typer.Option(min=1, help="sampler steps (default sample.steps)")] = None,
     seed: Annotated[int, typer.Option(help="sampling seed (the same for every arm)")] = 0,
+    i3d_fvd: Annotated[bool, typer.Option("--i3d-fvd/--no-i3d-fvd", help="also the unconditional task's FVD "
+                                                                       "with the built-in I3D")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     out: Annotated[Path | None, typer.Option(help="JSON output (default benchmarks/results/ablation-<config>-"
                                                   "<device>.json)")] = None,
@@ -265,8 +267,9 @@ def bench_ablation(
     cfg = arm_config(config, overrides or [], 0.2)
     if cfg.data.kind != "sprites":
         fail(f"bench ablation scores against the sprites' physics: it needs data.kind: sprites, not {cfg.data.kind}")
+    detector = _synthetic_i3d(device) if i3d_fvd else None
     result = run_ablation(config, overrides or [], out_dir, videos=videos, steps=steps, seed=seed,
-                          device=_device_option(device),
+                          device=_device_option(device), i3d=detector,
                           progress=show_progress, on_stage=lambda msg: console.print(f"[bold]ablation[/]: {msg}"))
     cols = list(result["columns"])
     table = Table(title=f"PTSS ablation: {config} {' '.join(overrides or [])} ({cfg.train.steps} steps, "
@@ -283,7 +286,8 @@ def bench_ablation(
 
     path = write_results(f"ablation-{cfg.name}", resolve_device(device), {"config": config, "overrides": overrides or [],
                                                        "train_steps": cfg.train.steps, "batch": cfg.train.batch_size,
-                                                       "videos": videos, "seed": seed, **result}, out)
+                                                       "videos": videos, "seed": seed,
+                                                       "i3d": detector.describe() if detector else None, **result}, out)
     console.print(f"results written to {path}")
 
 
@@ -600,6 +604,9 @@ def eval_synthetic(
     conditioning: Annotated[str, typer.Option(help="hold (FVDM) | replace (scalar-timestep models)")] = "hold",
     ema: Annotated[bool | None, typer.Option("--ema/--no-ema", help="evaluate the EMA weights (default: the "
                                                                    "run's sample.use_ema)")] = None,
+    i3d_fvd: Annotated[bool, typer.Option("--i3d-fvd/--no-i3d-fvd", help="also the unconditional task's FVD "
+                                                                       "with the built-in I3D (and its real-vs-real "
+                                                                       "floor)")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     out: Annotated[Path | None, typer.Option(help="JSON file (default <run>/eval/synthetic.json)")] = None,
     show_progress: Annotated[bool, typer.Option("--progress/--no-progress", help="rich progress bars")] = True,
@@ -622,13 +629,14 @@ def eval_synthetic(
     chosen = list(TASKS) if tasks == "all" else _split(tasks, list(TASKS), "task")
     _split(conditioning, ["hold", "replace"], "--conditioning")
     loaded = load_run(run, ckpt, use_ema=ema, device=_device_option(device))
+    detector = _synthetic_i3d(device) if i3d_fvd and "unconditional" in chosen else None
     results: dict = {}
     interrupted = False
     try:
         with progress_bar(None, console=console, disable=not show_progress, unit="video") as bar:
             ids = {t: bar.add_task(f"eval {t}", total=videos) for t in chosen}
             evaluate_synthetic(loaded, num_videos=videos, steps=steps, seed=seed, tasks=tuple(chosen),
-                               conditioning=conditioning, results=results,
+                               conditioning=conditioning, results=results, i3d=detector,
                                callback=lambda t, done, total: bar.update(ids[t], completed=done))
     except KeyboardInterrupt:
         interrupted = True
@@ -658,12 +666,26 @@ def eval_synthetic(
     path = out or Path(run) / "eval" / "synthetic.json"
     media.write_json(path, {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": loaded.ema, "seed": seed,
                             "videos": videos, "steps": steps or loaded.cfg.sample.steps, "conditioning": conditioning,
-                            "results": results, **({"interrupted": True} if interrupted else {})})
+                            "i3d": detector.describe() if detector else None, "results": results,
+                            **({"interrupted": True} if interrupted else {})})
     console.print(f"written to {path}")
     if interrupted:
         left = [t for t in chosen if t not in results]
         console.print(f"interrupted: {', '.join(left)} not evaluated")
         raise typer.Exit(code=130)
+
+
+def _synthetic_i3d(device: str):
+    """The built-in I3D for the I3D FVD of eval synthetic and bench ablation; a missing weight
+    file says how to install it or how to go without."""
+    from fvdm.build import resolve_device
+    from fvdm.errors import UserError
+    from fvdm.eval.fvd import builtin_i3d
+
+    try:
+        return builtin_i3d(resolve_device(_device_option(device)))
+    except UserError as e:
+        fail(f"{e} (or leave the I3D FVD out: --no-i3d-fvd)")
 
 
 @eval_app.command("fvd")

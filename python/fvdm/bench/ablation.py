@@ -42,10 +42,12 @@ def run_ablation(
     progress: bool = True,
     on_stage: Callable[[str], None] | None = None,
     on_eval: Callable[[str, int, int], None] | None = None,
+    i3d=None,
 ) -> dict:
     """Train (or reuse) every arm, then evaluate each the ways ARMS lists. Returns
     {"columns": {column: {task: {"model": ..., "data": ...}}}, "arms": {...}}, where a column
-    is "<arm> (<conditioning>)"."""
+    is "<arm> (<conditioning>)". i3d (an fvdm.eval.fvd.Detector): I3D FVD of the unconditional
+    task beside the proxy FVD."""
     overrides = list(overrides or [])
     columns: dict[str, dict] = {}
     arms: dict[str, dict] = {}
@@ -62,7 +64,8 @@ def run_ablation(
             if on_stage:
                 on_stage(f"evaluate {name} ({way})")
             columns[f"{name} ({way})"] = evaluate_synthetic(loaded, num_videos=videos, steps=steps, seed=seed,
-                                                            tasks=GENERATION_TASKS, conditioning=way, callback=on_eval)
+                                                            tasks=GENERATION_TASKS, conditioning=way, callback=on_eval,
+                                                            i3d=i3d)
     return {"columns": columns, "arms": arms}
 
 

@@ -8,7 +8,12 @@ the physics (MovingSprites renders any clip continued for any length):
                  tracker's criteria, and a proxy FVD: the Fréchet distance of features from a
                  fixed, randomly initialised 3D CNN (seeded: the same network for every run),
                  generated against held-out videos; for "data", two disjoint held-out sets
-                 (the floor at this number of videos).
+                 (the floor at this number of videos). With an I3D given, also the real FVD
+                 (i3d_fvd) on the same sets: the sprites' pixels as FVD's bytes, upsampled to
+                 224x224 by the detector; clips under its 9 frames have every frame repeated
+                 (8 -> 16 frames). With a few dozen clips of 400 features both covariances
+                 are rank-deficient, so read it against the floor beside it, not against
+                 published fvd2048 numbers.
   i2v            frame 0 given: coherence, and whether the sprite keeps the given frame's
                  colour and size.
   interpolate    first and last frames given: PSNR / SSIM of the frames between against the
@@ -130,6 +135,49 @@ def _with_motion(videos: torch.Tensor) -> torch.Tensor:
     return torch.cat([videos, MOTION_GAIN * change], dim=2)
 
 
+# ----------------------------------------------------------------------------- I3D FVD
+
+
+I3D_MIN_FRAMES = 9  # fvdm.eval.i3d.MIN_FRAMES: fewer leave no time step after the network's pools
+_I3D_MEMO: dict[tuple[str, str], FeatureStats] = {}  # (detector sha256, clips sha256) -> stats
+_I3D_MEMO_SIZE = 8
+
+
+def i3d_clips(videos: torch.Tensor) -> torch.Tensor:
+    """(B, F, C, H, W) pixels in [-1, 1] -> uint8 (B, 3, T, H, W) as FVD feeds the I3D: FVDM's
+    byte rule (media.to_uint8), grey repeated to 3 channels, and, for clips shorter than the
+    I3D's 9 frames, every frame repeated (nearest neighbour in time: 8 frames -> 16)."""
+    from fvdm import media
+
+    x = torch.from_numpy(media.to_uint8(videos)).permute(0, 4, 1, 2, 3)
+    if x.shape[2] < I3D_MIN_FRAMES:
+        x = x.repeat_interleave(math.ceil(I3D_MIN_FRAMES / x.shape[2]), dim=2)
+    return x.contiguous()
+
+
+def i3d_stats(videos: torch.Tensor, detector, batch_size: int = 8) -> FeatureStats:
+    """Streaming statistics of the I3D features of `videos`; remembered for the same clips and
+    detector, so the held-out sets are featurised once for every arm of an ablation."""
+    import hashlib
+
+    clips = i3d_clips(videos)
+    key = (detector.sha256, hashlib.sha256(clips.numpy().tobytes()).hexdigest())
+    if key not in _I3D_MEMO:
+        stats = FeatureStats()
+        with torch.no_grad():
+            for chunk in clips.split(batch_size):
+                stats.update(detector(chunk))
+        while len(_I3D_MEMO) >= _I3D_MEMO_SIZE:
+            _I3D_MEMO.pop(next(iter(_I3D_MEMO)))
+        _I3D_MEMO[key] = stats
+    return _I3D_MEMO[key]
+
+
+def i3d_fvd(fake: torch.Tensor, real: torch.Tensor, detector) -> float:
+    """FVD (Fréchet distance of I3D logits) between two sets of (B, F, C, H, W) videos in [-1, 1]."""
+    return frechet_from_stats(i3d_stats(real, detector), i3d_stats(fake, detector)).value
+
+
 # ----------------------------------------------------------------------------- tracking helpers
 
 
@@ -180,12 +228,14 @@ def evaluate_synthetic(
     conditioning: str = "hold",
     callback: Callable[[str, float, int], None] | None = None,
     results: dict | None = None,
+    i3d=None,
 ) -> dict:
     """Every task in `tasks` on `num_videos` held-out videos; returns {task: {metric: value}}
     for the model ("model") and for the true videos ("data"). conditioning: how given frames
     enter the sampler ("hold" for FVDM, "replace" for scalar-timestep models). callback(task,
     done, total) reports progress in videos (done fractional: sampler steps count). results:
-    a dict filled task by task as each finishes, so a caller interrupted midway keeps them."""
+    a dict filled task by task as each finishes, so a caller interrupted midway keeps them. i3d (an
+    fvdm.eval.fvd.Detector): adds the unconditional task's I3D FVD and its real-vs-real floor."""
     cfg = run.cfg
     if cfg.data.kind != "sprites":
         raise UserError(f"eval synthetic needs a run trained on the built-in sprites (data.kind: sprites); "
@@ -226,10 +276,14 @@ def evaluate_synthetic(
     real = truth[Fw]
     if "unconditional" in tasks:
         fake = run_task("unconditional")
-        results["unconditional"] = {
+        scores = {
             "model": {**_coherence(score_videos(fake, expected, th)), "proxy_fvd": proxy_fvd(fake, real)},
             "data": {**_coherence(score_videos(real, expected, th)), "proxy_fvd": proxy_fvd(other_real, real)},
         }
+        if i3d is not None:
+            scores["model"]["i3d_fvd"] = i3d_fvd(fake, real, i3d)
+            scores["data"]["i3d_fvd"] = i3d_fvd(other_real, real, i3d)
+        results["unconditional"] = scores
     if "i2v" in tasks:
         fake = run_task("i2v", condition=real[:, :1])
         results["i2v"] = {"model": _i2v_metrics(fake, real, expected, th), "data": _i2v_metrics(real, real, expected, th)}
