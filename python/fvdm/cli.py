@@ -163,6 +163,28 @@ def bench_kernels(
     console.print(f"targets met: {len(verdicts) - len(missed)}/{len(verdicts)}; results written to {path}")
 
 
+@bench_app.command("i3d")
+def bench_i3d(
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads (torch.set_num_threads)")] = 2,
+    batch: Annotated[int, typer.Option(min=1, help="clips per forward")] = 1,
+    rounds: Annotated[int, typer.Option(min=1, help="timed forwards (the median counts)")] = 5,
+    out: Annotated[Path | None, typer.Option(help="JSON output path (default benchmarks/results/i3d-<device>.json)")] = None,
+) -> None:
+    """Clips per second of the built-in I3D (FVD features of 16x224x224 clips, fp32), and what
+    2048 clips (one set of fvd2048_16f) cost."""
+    from fvdm.bench import i3d as ib
+    from fvdm.bench.common import write_results
+
+    dev = _device(device)
+    r = ib.run(dev, threads=threads, batch=batch, rounds=rounds)
+    console.print(f"I3D on {dev}: {r['clips_per_s']:.2f} clips/s ({r['s_per_clip']:.2f} s a clip of {r['clip']}, "
+                  f"batch {batch}, {r['threads'] or '-'} threads); 2048 clips {r['s_per_2048_clips'] / 60:.1f} min, "
+                  f"an fvd2048_16f's 4096 clips {r['s_per_fvd2048'] / 60:.1f} min")
+    path = write_results("i3d", dev, r, out)
+    console.print(f"results written to {path}")
+
+
 @bench_app.command("model")
 def bench_model(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
