@@ -126,12 +126,13 @@ def main() -> int:
         if build.returncode:
             outcome, detail = "does not compile", build.stdout[-400:]
         else:
-            test = run([py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "cuda_emu", "-k", select,
+            test = run([py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--capture=sys", "-m", "cuda_emu", "-k", select,
                         str(ROOT / "tests" / "test_cuda_emulation.py")], env=env, cwd=ROOT)
             text = test.stdout + test.stderr
             outcome = "caught" if test.returncode else "MISSED"
             lines = [ln for ln in text.splitlines() if "ERROR: AddressSanitizer" in ln or ln.startswith("E  ")]
             detail = (lines[0] if lines else text.strip().splitlines()[-1] if text.strip() else "")[:300]
+            detail = f"exit status {test.returncode}: {detail}"
         path.write_text(original)
         results.append({"mutant": name, "outcome": outcome, "seconds": round(time.time() - t0, 1), "how": detail})
         print(f"{outcome:>8}  {name}  ({results[-1]['seconds']} s)\n          {detail}", flush=True)
