@@ -180,7 +180,8 @@ def bench_i3d(
     r = ib.run(dev, threads=threads, batch=batch, rounds=rounds)
     console.print(f"I3D on {dev}: {r['clips_per_s']:.2f} clips/s ({r['s_per_clip']:.2f} s a clip of {r['clip']}, "
                   f"batch {batch}, {r['threads'] or '-'} threads); 2048 clips {r['s_per_2048_clips'] / 60:.1f} min, "
-                  f"an fvd2048_16f's 4096 clips {r['s_per_fvd2048'] / 60:.1f} min")
+                  f"an fvd2048_16f's 4096 clips {r['s_per_fvd2048'] / 60:.1f} min (load average "
+                  f"{r['load_average_1min']['before']} -> {r['load_average_1min']['after']})")
     path = write_results("i3d", dev, r, out)
     console.print(f"results written to {path}")
 

@@ -8,6 +8,7 @@ counted)."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -25,6 +26,7 @@ def run(device: torch.device, threads: int | None = 2, batch: int = 1, rounds: i
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (batch, 3, frames, size, size), dtype=torch.uint8, generator=g).to(device)
     times = []
+    load_before = _loadavg()
     with torch.no_grad():
         net(x, rescale=True, resize=True, return_features=True)  # untimed: allocations, algorithm choice
         synchronize(device)
@@ -38,4 +40,13 @@ def run(device: torch.device, threads: int | None = 2, batch: int = 1, rounds: i
             "threads": torch.get_num_threads() if device.type == "cpu" else None,
             "round_s": [round(t, 4) for t in times], "s_per_clip": per_clip, "clips_per_s": 1 / per_clip,
             "s_per_2048_clips": 2048 * per_clip, "s_per_fvd2048": 4096 * per_clip,
-            "weights_sha256": info["sha256"]}
+            "weights_sha256": info["sha256"],
+            # other processes on the machine: on 2 cores any of them slows every round
+            "load_average_1min": {"before": load_before, "after": _loadavg()}}
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover - not on every OS
+        return None
