@@ -643,7 +643,10 @@ def eval_synthetic(
     extend runs 2 sliding windows, long 7 (the demo's 8-frame window). On the demo run the default,
     16 videos, is 1200 DDPM steps with skip guidance on batches of 16 (long: 700 of them): about
     3-5 minutes on an idle 2-core CPU, estimated from a sampler step's cost next to a training
-    step's (0.25-0.44 of it, measured on a busy host) at the demo's 3.3 it/s in fp32."""
+    step's (0.25-0.44 of it, measured on a busy host) at the demo's 3.3 it/s in fp32. The I3D
+    FVD (on by default) also sends 48 clips (16 generated, 2 x 16 held-out) through the built-in
+    I3D: about 4 minutes more at the 5.1 s a clip measured on 2 CPU cores; --no-i3d-fvd leaves
+    it out."""
     from fvdm import media
     from fvdm.eval.synthetic import TASKS, evaluate_synthetic
     from fvdm.progress import progress_bar
@@ -864,9 +867,14 @@ def convert(
 def command():
     """The click command tree of `app`, with no type shown after flags: typer prints `<bool>`
     after every --flag / --no-flag (and -h), which take no value."""
+    import inspect
+
     root = typer.main.get_command(app)
 
     def strip(cmd, ctx) -> None:
+        if cmd.help:  # rich keeps a docstring's line breaks past its first paragraph: rewrap them all
+            paragraphs = inspect.cleandoc(cmd.help).split("\n\n")
+            cmd.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
         for param in [*cmd.params, cmd.get_help_option(ctx)]:
             if param is not None and getattr(param, "is_flag", False):
                 param.metavar = ""
