@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fvdm.cli import main
@@ -168,6 +168,7 @@ def test_sample_never_tracebacks(capsys, tmp_path, run_dir, files, data):
 
 
 @FUZZ
+@example(which="synthetic", clips="1000000000000", seed="0", device="cpu", tasks="identity", ckpt=None)  # IndexError
 @given(which=st.sampled_from(["loss", "synthetic"]), clips=INT, seed=INT,
        device=st.sampled_from(["cpu", "tpu", ""]), tasks=st.sampled_from(["identity", "i2v", "x", "", ","]),
        ckpt=st.sampled_from([None, "missing", "empty"]))

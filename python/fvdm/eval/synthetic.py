@@ -249,6 +249,9 @@ def evaluate_synthetic(
     ds = held_out_dataset(cfg, Fw)
     if not isinstance(ds, MovingSprites):
         raise UserError("eval synthetic needs the plain sprites dataset (no class labels)")
+    if not 1 <= num_videos <= len(ds):
+        raise UserError(f"--videos must lie in [1, {len(ds)}]: the run's held-out sprites (data.num_videos), "
+                        f"got {num_videos}")
     expected, th = expected_sprites(ds), thresholds_for(ds)
     device = next(run.model.parameters()).device
     k_extend = Fw // 2
