@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -36,3 +38,20 @@ def assert_matches_reference(fused: torch.Tensor, ref_same_dtype: torch.Tensor, 
 def rand(shape, dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`python -m fvdm ARGS` in this process: (exit status, stdout, stderr)."""
+    from fvdm.cli import main
+
+    old = sys.argv
+    sys.argv = ["fvdm", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import typing
 from pathlib import Path
 
 import pytest
 import torch
 
-from fvdm.cli import main
 from fvdm.config import RANGES, Config, load_config
 from fvdm.errors import UserError
+from helpers import cli
 
 TINY = [
     "model.size=T/2", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2",
@@ -72,20 +71,6 @@ def test_non_utf8_yaml_is_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- sample
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["fvdm", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

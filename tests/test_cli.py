@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fvdm.cli import main
 from fvdm.config import load_config
 from fvdm.train.trainer import train
+from helpers import cli
 
 TINY = [
     "model.size=T/2", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2",
@@ -23,20 +22,6 @@ TINY = [
     "sample.steps=2", "sample.num_videos=1", "train.precision=fp32",
     "model.self_condition=false",  # fast tiny runs; self-conditioning has its own tests
 ]
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["fvdm", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code: int, err: str, *words: str):

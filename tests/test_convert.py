@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fvdm.cli import main
 from fvdm.convert import fit_state, from_fvdm_names, import_checkpoint, infer_architecture, to_fvdm_names
 from fvdm.errors import UserError
 from fvdm.models import latte
 from fvdm.runs import load_run
+from helpers import cli
 
 # ----------------------------------------------------------------------------- the official layout as data
 
@@ -162,20 +161,6 @@ def save_official(path: Path, sd, key: str | None = "ema", prefix: str = "") -> 
     sd = {prefix + k: v for k, v in sd.items()}
     torch.save({key: sd} if key else sd, path)
     return path
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["fvdm", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code: int, err: str, *words: str) -> str:

@@ -20,12 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 import fvdm
-from fvdm.cli import main
 from fvdm.config import load_config
 from fvdm.errors import UserError
 from fvdm.train.checkpoint import verify_checkpoint
 from fvdm.train.lock import RunLock
 from fvdm.train.trainer import train
+from helpers import cli
 
 PKG_PARENT = str(Path(fvdm.__file__).resolve().parents[1])
 TINY = [
@@ -49,20 +49,6 @@ def no_plots(monkeypatch):
 
 def tiny(*extra: str):
     return load_config("demo_cpu", TINY + list(extra))
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["fvdm", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line(err: str) -> str:

@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 
 import fvdm
 from fvdm.errors import CheckpointError
+from fvdm.media import fsync_dir
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "find_latest",
            "scan_checkpoints", "list_checkpoints", "step_dir_name", "is_step_dir", "state_dict_mismatch"]
@@ -133,14 +134,14 @@ def save_checkpoint(run_dir: PathLike, step: int, model_state: Mapping[str, torc
     try:
         if not ckpt_dir.is_dir():
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(ckpt_dir.parent)  # a new run directory's entry must survive a crash too
+            fsync_dir(ckpt_dir.parent)  # a new run directory's entry must survive a crash too
         tmp = _make_work_dir(ckpt_dir, "tmp", final.name)
         files = {MODEL: _write_safetensors(tmp / MODEL, model)}
         if ema is not None:
             files[EMA] = _write_safetensors(tmp / EMA, ema)
         files[STATE] = _write_state(tmp / STATE, train_state)
         _write_meta(tmp / META, step, config_json, files)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _publish(tmp, final)
     except OSError as e:
         raise CheckpointError(_write_error(final, e)) from e
@@ -270,20 +271,6 @@ def _sha256_of(f: Any) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make renames and new entries in directory `path` durable."""
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # some network filesystems refuse it
-            raise
-    finally:
-        os.close(fd)
-
-
 def _publish(tmp: Path, final: Path) -> None:
     """Rename the finished `tmp` to `final`, replacing an existing checkpoint of that step.
 
@@ -291,7 +278,7 @@ def _publish(tmp: Path, final: Path) -> None:
     to `.old-...`; if the process dies between the two renames, the next save puts it back."""
     if not final.exists():
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return
     old = _make_work_dir(final.parent, "old", final.name, create=False)
     try:
@@ -301,7 +288,7 @@ def _publish(tmp: Path, final: Path) -> None:
         except OSError:
             os.rename(old, final)  # keep the existing checkpoint in place
             raise
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         _IN_PROGRESS.discard(old)
