@@ -119,6 +119,7 @@ def test_time_guard_says_so_at_the_end_of_training_and_of_sampling(tmp_path, cap
     import fvdm.train.trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "_TEST_STEP_DELAY", 0.2)
+    monkeypatch.setenv("COLUMNS", "200")  # rich cuts the bar at 80 columns off a terminal, rate digits vary
     run = tmp_path / "run"
     code, out, err = cli(capsys, "train", "--out", str(run), *TINY, "train.steps=40", "train.ckpt_every=1000",
                          "train.max_minutes=0.01", "train.log_every=1000")
