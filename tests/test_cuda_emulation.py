@@ -216,15 +216,15 @@ def test_noise_inject(dtype, inner, seed):
 # temporal attention
 
 
-def attn_path(dtype, Dh, F, profile, qkv_offset) -> str:
-    tc = (
+def tensor_core_eligible(dtype, Dh, F, profile, qkv_offset) -> bool:
+    """The launchers' choice before shared memory is counted (smem_fits)."""
+    return (
         dtype != torch.float32
         and Dh in (64, 72, 128)
         and F <= 128
         and profile != "sm_75"
         and qkv_offset % 2 == 0  # 4-byte aligned rows
     )
-    return "tc" if tc else "generic"
 
 
 def smem_fits(profile, F, Dh, backward):
@@ -261,7 +261,7 @@ def _check_attention(B, F, N, H, Dh, dtype, causal, masked, offset, profile, ord
         mask[0, 0] = False  # a masked first key; with causal, frame 0 of batch 0 sees no key
     scale = 1 / math.sqrt(Dh)
     out, lse = E().temporal_attention_qkv(qkv, mask, causal, scale)
-    tc = attn_path(dtype, Dh, F, profile, offset) == "tc"
+    tc = tensor_core_eligible(dtype, Dh, F, profile, offset)
     assert launched() == ["attn_fwd_tc_kernel<T, kDh>" if tc and smem_fits(profile, F, Dh, False) else "attn_fwd_generic_kernel<T>"]
     exact = temporal_attention_ref(q.double(), k.double(), v.double(), causal, mask, scale)
     same = temporal_attention_ref(q, k, v, causal, mask, scale)
