@@ -214,7 +214,7 @@ def test_loss_excludes_held_frames_and_matches_manual_mse(backend):
     t = torch.randint(0, 1000, SHAPE[:2], generator=gen(1))
     model = FakeDenoiser(dtype=torch.float32)
     held = torch.tensor([True, False, False, True, False])
-    out = diffusion_loss(model, sch, x0, t, noise=torch.randn(SHAPE, generator=gen(2)), held=held, backend=backend)
+    out = diffusion_loss(model, sch, x0, t, noise=torch.randn(SHAPE, generator=gen(2)), held=held, ops=get_backend(backend))
     # manual: held frames enter clean at model time 0 and are left out of the mean
     eps = torch.randn(SHAPE, generator=gen(2))
     a, s = sch.alpha_sigma(t)
@@ -227,7 +227,7 @@ def test_loss_excludes_held_frames_and_matches_manual_mse(backend):
     torch.testing.assert_close(model.times[0], shown)
     # the prediction on held frames does not matter
     big = lambda x, tt: FakeDenoiser(dtype=torch.float32)(x, tt) + 100.0 * held[None, :, None, None, None]  # noqa: E731
-    out2 = diffusion_loss(big, sch, x0, t, noise=eps, held=held, backend=backend)
+    out2 = diffusion_loss(big, sch, x0, t, noise=eps, held=held, ops=get_backend(backend))
     torch.testing.assert_close(out2.loss, out.loss)
 
 
@@ -326,7 +326,7 @@ def test_equal_columns_reproduce_ddpm(backend, steps, learned, noise_scale):
     S, _ = unconditional(ladder, SHAPE[1])
     out_channels = 4 if learned else 2
     got = sample(FakeDenoiser(out_channels=out_channels), sch, S, shape=SHAPE, dtype=torch.float64, method="ddpm",
-                 learn_sigma=learned, noise_scale=noise_scale, generator=gen(7), backend=backend)
+                 learn_sigma=learned, noise_scale=noise_scale, generator=gen(7), ops=get_backend(backend))
     g = gen(7)
     x = torch.randn(SHAPE, generator=g, dtype=torch.float64)
     want = ho_ddpm(FakeDenoiser(out_channels=out_channels), sch.betas, ladder[:-1].tolist(), x, g, learned,
@@ -362,7 +362,7 @@ def test_equal_columns_reproduce_ddim(backend, eta, objective):
     ladder = ddpm_ladder(50)
     S, _ = unconditional(ladder, SHAPE[1])
     got = sample(FakeDenoiser(), sch, S, shape=SHAPE, dtype=torch.float64, method="ddim", eta=eta,
-                 objective=objective, generator=gen(3), backend=backend)
+                 objective=objective, generator=gen(3), ops=get_backend(backend))
     g = gen(3)
     x = torch.randn(SHAPE, generator=g, dtype=torch.float64)
     want = song_ddim(FakeDenoiser(), sch.betas, ladder[:-1].tolist(), x, g, eta, objective)
@@ -374,7 +374,7 @@ def test_equal_columns_reproduce_euler_flow(backend):
     S, _ = unconditional(flow_ladder(20), SHAPE[1])
     fl = FlowSchedule()
     got = sample(FakeDenoiser(), fl, S, shape=SHAPE, dtype=torch.float64, objective="flow", generator=gen(4),
-                 backend=backend)
+                 ops=get_backend(backend))
     x = torch.randn(SHAPE, generator=gen(4), dtype=torch.float64)
     model = FakeDenoiser()
     times = torch.linspace(1, 0, 21, dtype=torch.float64)
@@ -413,7 +413,7 @@ def test_held_frames_are_bit_identical(backend, method):
     for S, held in [image_to_video(ladder, 5), keyframes(ladder, 5, [1, 3]), extension(ladder, 5, 2)]:
         model = FakeDenoiser(out_channels=4 if learn_sigma else 2, dtype=torch.float32)
         out = sample(model, sch, S, shape=SHAPE, method=method, eta=1.0, learn_sigma=learn_sigma, objective=objective,
-                     held=held, x0_held=x0_held, generator=gen(1), backend=backend)
+                     held=held, x0_held=x0_held, generator=gen(1), ops=get_backend(backend))
         assert torch.equal(out[:, held], x0_held[:, held])
         assert not torch.isclose(out[:, ~held], x0_held[:, ~held]).all()
         for shown in model.times:  # the model always sees held frames at time 0
@@ -422,7 +422,7 @@ def test_held_frames_are_bit_identical(backend, method):
     S, _ = unconditional(ladder, 5)
     held = torch.tensor([[True, False, False, False, False], [False, False, True, False, True]])
     out = sample(FakeDenoiser(dtype=torch.float32), sch, S, shape=SHAPE, method=method if method != "ddpm" else "ddim",
-                 objective=objective, held=held, x0_held=x0_held, generator=gen(1), backend=backend)
+                 objective=objective, held=held, x0_held=x0_held, generator=gen(1), ops=get_backend(backend))
     assert torch.equal(out[held], x0_held[held])
 
 
@@ -477,7 +477,7 @@ def test_clip_x0_clamps_the_estimate_and_keeps_eps_consistent(objective):
     sch = FlowSchedule() if flow else ddpm_schedule("cosine")
     S = torch.tensor([[0.7] * 5, [0.0] * 5], dtype=torch.float64) if flow else torch.tensor([[600] * 5, [-1] * 5])
     x = 3.0 * torch.randn(SHAPE, generator=gen(0))  # big values: the estimates leave [-1, 1]
-    kw = dict(method="euler" if flow else "ddim", objective=objective, backend="reference")
+    kw = dict(method="euler" if flow else "ddim", objective=objective, ops=get_backend("reference"))
     fake = FakeDenoiser(dtype=torch.float32)
 
     def model(x, t):  # scaled so an x0 prediction leaves [-1, 1] too
@@ -514,7 +514,7 @@ def test_self_conditioning_sampler_feeds_back_the_previous_estimate():
     x0_held = torch.randn(SHAPE, generator=gen(0))
     model = SelfConditionedDenoiser(dtype=torch.float32)
     sample(model, sch, S, shape=SHAPE, method="ddpm", objective="v", held=held, x0_held=x0_held,
-           self_condition=True, generator=gen(1), backend="reference")
+           self_condition=True, generator=gen(1), ops=get_backend("reference"))
     first = model.estimates[0]
     assert torch.equal(first[:, 2], x0_held[:, 2]) and torch.equal(first[:, ~held], torch.zeros_like(first[:, ~held]))
     ops = get_backend("reference")
@@ -543,7 +543,7 @@ def test_self_conditioning_loss_makes_a_no_grad_first_pass_for_chosen_clips():
 
     noise = torch.randn(SHAPE, generator=gen(1))
     out = diffusion_loss(model_fn, sch, x0, t, objective="v", noise=noise,
-                         self_condition=torch.tensor([False, True]), backend="reference")
+                         self_condition=torch.tensor([False, True]), ops=get_backend("reference"))
     assert model.grad_modes == [False, True]  # estimate without gradient, then the trained pass
     # the first pass sees only the chosen clip, and is told which one it is
     assert seen_rows[0].tolist() == [1] and seen_rows[1] is None
@@ -600,7 +600,7 @@ def test_sampling_reproducible_from_seed_with_a_real_model(backend):
 
     def run(seed):
         return sample(model, ddpm_schedule(), S, shape=SHAPE, method="ddpm", learn_sigma=True, held=held,
-                      x0_held=x0, generator=gen(seed), backend=backend)
+                      x0_held=x0, generator=gen(seed), ops=get_backend(backend))
 
     a, b, c = run(1), run(1), run(2)
     assert torch.equal(a, b)
@@ -734,7 +734,7 @@ def test_tiny_model_learns_on_a_fixed_batch():
     noise = torch.randn(SHAPE, generator=g)
     losses = []
     for _ in range(30):
-        out = diffusion_loss(model, sch, x0, t, noise=noise, learn_sigma=True, backend=backend)
+        out = diffusion_loss(model, sch, x0, t, noise=noise, learn_sigma=True, ops=get_backend(backend))
         opt.zero_grad()
         out.loss.backward()
         opt.step()

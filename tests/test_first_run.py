@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,9 @@ def test_bar_columns_eta_cap_and_no_nan_loss():
 def test_time_guard_says_so_at_the_end_of_training_and_of_sampling(tmp_path, capsys, monkeypatch):
     import fvdm.train.trainer as trainer_module
 
-    monkeypatch.setattr(trainer_module, "_TEST_STEP_DELAY", 0.2)
+    init = trainer_module.Trainer.__init__
+    monkeypatch.setattr(trainer_module.Trainer, "__init__",
+                        lambda self, *a, **kw: init(self, *a, **{**kw, "on_step": lambda step: time.sleep(0.2)}))
     monkeypatch.setenv("COLUMNS", "200")  # rich cuts the bar at 80 columns off a terminal, rate digits vary
     run = tmp_path / "run"
     code, out, err = cli(capsys, "train", "--out", str(run), *TINY, "train.steps=40", "train.ckpt_every=1000",
@@ -130,7 +133,6 @@ def test_time_guard_says_so_at_the_end_of_training_and_of_sampling(tmp_path, cap
     assert 1 <= step < 40
     assert "stopped early" in out and "under-trained" in out and "--resume" in out
     assert json.loads((run / TRAIN_LOG).read_text().splitlines()[-1])["reason"] == "max_minutes"
-    monkeypatch.setattr(trainer_module, "_TEST_STEP_DELAY", 0.0)
     code, out, err = cli(capsys, "sample", "unconditional", "--run", str(run), "--no-progress")
     assert code == 0, err
     last = " ".join(out.strip().splitlines()[-3:])

@@ -10,6 +10,7 @@ from fvdm.models import Latte, LatteBlock, latte, latte_config
 from fvdm.ops import get_backend
 
 needs_c = pytest.mark.skipif(not HAS_C, reason="fvdm._C is not built")
+REF = get_backend("reference")
 
 TINY = dict(input_size=8, in_channels=3, num_frames=6)  # 16 tokens per frame
 
@@ -177,20 +178,19 @@ def test_frame_timestep_changes_only_that_frames_output_without_temporal_blocks(
 
 def test_temporal_block_mixes_frames_not_tokens():
     torch.manual_seed(0)
-    block = perturbed(LatteBlock(64, 4, 4.0, "T"))
-    ops = get_backend("reference")
+    block = perturbed(LatteBlock(64, 4, 4.0, "T", ops=REF))
     x = torch.randn(2, 5, 7, 64)
     c = torch.randn(2, 5, 64)
     x2 = x.clone()
     x2[:, 1, 3] += 1.0  # frame 1, token 3
-    diff = (block(x, c, ops) - block(x2, c, ops)).abs().amax(-1)  # (B, F, N)
+    diff = (block(x, c) - block(x2, c)).abs().amax(-1)  # (B, F, N)
     assert (diff[:, :, 3] > 0).all()  # token 3 of every frame sees it
     assert torch.equal(diff[:, :, [0, 1, 2, 4, 5, 6]], torch.zeros(2, 5, 6))
-    spatial = perturbed(LatteBlock(64, 4, 4.0, "S"))
-    diff = (spatial(x, c, ops) - spatial(x2, c, ops)).abs().amax(-1)
+    spatial = perturbed(LatteBlock(64, 4, 4.0, "S", ops=REF))
+    diff = (spatial(x, c) - spatial(x2, c)).abs().amax(-1)
     assert (diff[:, 1] > 0).all() and torch.equal(diff[:, [0, 2, 3, 4]], torch.zeros(2, 4, 7))
-    joint = perturbed(LatteBlock(64, 4, 4.0, "J")).double()  # far tokens move by ~1e-7: fp64
-    diff = (joint(x.double(), c.double(), ops) - joint(x2.double(), c.double(), ops)).abs().amax(-1)
+    joint = perturbed(LatteBlock(64, 4, 4.0, "J", ops=REF)).double()  # far tokens move by ~1e-7: fp64
+    diff = (joint(x.double(), c.double()) - joint(x2.double(), c.double())).abs().amax(-1)
     assert (diff > 1e-12).all()  # every token of every frame sees it
 
 
@@ -198,13 +198,12 @@ def test_joint_block_is_spatial_attention_over_the_whole_clip():
     # A joint block on F frames of N tokens is a spatial block on one frame of F*N tokens
     # (same weights), given one conditioning vector for every frame.
     torch.manual_seed(0)
-    joint = perturbed(LatteBlock(64, 4, 4.0, "J"))
-    spatial = LatteBlock(64, 4, 4.0, "S")
+    joint = perturbed(LatteBlock(64, 4, 4.0, "J", ops=REF))
+    spatial = LatteBlock(64, 4, 4.0, "S", ops=REF)
     spatial.load_state_dict(joint.state_dict())
-    ops = get_backend("reference")
     x, c = torch.randn(2, 5, 7, 64), torch.randn(2, 1, 64)
-    got = joint(x, c.expand(2, 5, 64), ops)
-    want = spatial(x.reshape(2, 1, 35, 64), c, ops).view(2, 5, 7, 64)
+    got = joint(x, c.expand(2, 5, 64))
+    want = spatial(x.reshape(2, 1, 35, 64), c).view(2, 5, 7, 64)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -227,11 +226,10 @@ def test_frame_local_temporal_block_passes_each_frames_value():
     # with every frame seeing only itself the attention weight is 1 on its own value: the block
     # gives proj(v) of each frame, what a one-frame clip gives
     torch.manual_seed(0)
-    block = perturbed(LatteBlock(64, 4, 4.0, "T"))
-    ops = get_backend("reference")
+    block = perturbed(LatteBlock(64, 4, 4.0, "T", ops=REF))
     x, c = torch.randn(2, 5, 7, 64), torch.randn(2, 5, 64)
-    got = block(x, c, ops, frame_local=True)
-    want = torch.cat([block(x[:, f:f + 1], c[:, f:f + 1], ops) for f in range(5)], dim=1)
+    got = block(x, c, frame_local=True)
+    want = torch.cat([block(x[:, f:f + 1], c[:, f:f + 1]) for f in range(5)], dim=1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

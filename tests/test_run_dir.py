@@ -28,6 +28,7 @@ from fvdm.train.trainer import train
 from helpers import TINY, cli
 
 PKG_PARENT = str(Path(fvdm.__file__).resolve().parents[1])
+SLOW_CLI = str(Path(__file__).with_name("slow_cli.py"))  # python -m fvdm with a sleep after each step
 
 
 @pytest.fixture(autouse=True)
@@ -133,8 +134,8 @@ def test_resume_without_a_usable_checkpoint_refuses_unless_told_to_start_fresh(t
 def test_a_second_trainer_is_refused_naming_the_holder_and_a_kill_releases_the_lock(tmp_path, capsys):
     run = tmp_path / "run"
     train(tiny(), run, progress=False)
-    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1", FVDM_TEST_STEP_DELAY="0.5")
-    child = subprocess.Popen([sys.executable, "-m", "fvdm", "train", "--out", str(run), "--resume", "--no-progress",
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1")
+    child = subprocess.Popen([sys.executable, SLOW_CLI, "0.5", "train", "--out", str(run), "--resume", "--no-progress",
                               *TINY, "train.steps=1000", "train.ckpt_every=1000"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -184,3 +185,15 @@ def test_a_diverging_loss_ends_with_one_line_and_keeps_the_last_good_checkpoint(
     verify_checkpoint(good)
     assert all(torch.isfinite(t).all() for t in load_file(good / "model.safetensors").values())
     assert not (run / "checkpoints" / f"step_{step:09d}").exists()
+
+
+def test_a_divergence_between_log_steps_names_its_step_and_where_it_was_noticed(tmp_path, capsys):
+    # the loss is read to the host every train.log_every steps: the step that went bad is kept on
+    # the device and reported when read, and nothing is saved from it
+    run = tmp_path / "run"
+    code, _, err = cli(capsys, "train", "--out", str(run), "--no-progress", *TINY, "train.steps=8",
+                       "train.ckpt_every=8", "train.log_every=4", "train.lr=1e30")
+    line = one_line(err)
+    assert code == 2 and "training diverged at step 2: the loss became" in line, line
+    assert "noticed at step 4" in line and "no checkpoint was saved" in line
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").glob("step_*"))

@@ -87,11 +87,11 @@ def test_ddim_on_the_official_ladder_is_the_official_spaced_ddim():
         x0 = (x - (1 - ab[i]).sqrt() * eps) / ab[i].sqrt()
         x = ab_prev[i].sqrt() * x0 + (1 - ab_prev[i]).sqrt() * eps
     S, _ = unconditional(spaced_ladder(50, 1000, "official"), 3)
-    ours = sample(model, sch, S, x_init=x_init, method="ddim", dtype=torch.float64, backend="reference")
+    ours = sample(model, sch, S, x_init=x_init, method="ddim", dtype=torch.float64, ops=get_backend("reference"))
     torch.testing.assert_close(ours, x, rtol=1e-10, atol=1e-10)
     # and the floor ladder is a different sampler
     S_floor, _ = unconditional(ddpm_ladder(50), 3)
-    floor = sample(model, sch, S_floor, x_init=x_init, method="ddim", dtype=torch.float64, backend="reference")
+    floor = sample(model, sch, S_floor, x_init=x_init, method="ddim", dtype=torch.float64, ops=get_backend("reference"))
     assert (floor - x).abs().max() > 1e-3
 
 
@@ -131,7 +131,7 @@ def test_vb_t0_rules():
     def net(x, tt):
         return out
 
-    losses = {rule: diffusion_loss(net, sch, x0, t, learn_sigma=True, vb_t0=rule, backend="reference").loss
+    losses = {rule: diffusion_loss(net, sch, x0, t, learn_sigma=True, vb_t0=rule, ops=get_backend("reference")).loss
               for rule in ("frame", "clip")}
     assert losses["frame"] != losses["clip"]
     with pytest.raises(ValueError, match="t0_rule"):

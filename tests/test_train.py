@@ -40,9 +40,17 @@ def tiny(*extra: str):
     return load_config("demo_cpu", TINY + list(extra))
 
 
-def run_cli(*args: str, env_extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "fvdm", *args], capture_output=True, text=True, env=env,
+SLOW_CLI = str(Path(__file__).with_name("slow_cli.py"))
+
+
+def fvdm_command(step_delay: float = 0.0) -> list[str]:
+    """`python -m fvdm`, or with step_delay: the same with a sleep after every training step."""
+    return [sys.executable, *(["-m", "fvdm"] if not step_delay else [SLOW_CLI, str(step_delay)])]
+
+
+def run_cli(*args: str, step_delay: float = 0.0, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1")
+    return subprocess.run([*fvdm_command(step_delay), *args], capture_output=True, text=True, env=env,
                           timeout=300, **kw)
 
 
@@ -123,8 +131,8 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     full, broken = tmp_path / "full", tmp_path / "broken"
     assert run_cli("train", "--no-progress", "--out", str(full), *args).returncode == 0
 
-    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1", FVDM_TEST_STEP_DELAY="0.3")
-    proc = subprocess.Popen([sys.executable, "-m", "fvdm", "train", "--no-progress", "--out", str(broken), *args],
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([*fvdm_command(0.3), "train", "--no-progress", "--out", str(broken), *args],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (broken / "checkpoints" / "step_000000003").exists():
@@ -145,8 +153,8 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     run = tmp_path / "run"
     args = TINY + ["train.steps=50", "train.ckpt_every=1000"]
-    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1", FVDM_TEST_STEP_DELAY="0.2")
-    proc = subprocess.Popen([sys.executable, "-m", "fvdm", "train", "--no-progress", "--out", str(run), *args],
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([*fvdm_command(0.2), "train", "--no-progress", "--out", str(run), *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.jsonl").exists()
@@ -166,7 +174,7 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_trains_the_rest(tmp_path
     status 0 (the demo goes on to sample), and --resume continues to train.steps."""
     run = tmp_path / "run"
     args = TINY + ["train.steps=40", "train.ckpt_every=1000", "train.max_minutes=0.02"]  # 1.2 s
-    r = run_cli("train", "--no-progress", "--out", str(run), *args, env_extra={"FVDM_TEST_STEP_DELAY": "0.2"})
+    r = run_cli("train", "--no-progress", "--out", str(run), *args, step_delay=0.2)
     assert r.returncode == 0, r.stderr
     ckpts = sorted((run / "checkpoints").glob("step_*"))
     assert len(ckpts) == 1 and "step_000000001" <= ckpts[0].name < "step_000000040"

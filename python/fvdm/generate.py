@@ -121,7 +121,7 @@ def generate(
         raise UserError(f"sample.steps / sample.spacing: {e}") from None
     kwargs = dict(method=method, objective=cfg.diffusion.objective, eta=eta, noise_scale=noise_scale,
                   learn_sigma=cfg.model.learn_sigma,
-                  generator=g, device=device, backend=model.backend, conditioning=conditioning,
+                  generator=g, device=device, ops=model.ops, conditioning=conditioning,
                   self_condition=model.config.self_condition,
                   clip_x0=cfg.sample.clip_x0 if cfg.data.vae is None else None)  # latents are not in [-1, 1]
 

@@ -104,7 +104,7 @@ def _measure_inner(variant: str, cfg: ModelBenchConfig) -> dict:
     def train_step():
         t = sample_timesteps(cfg.batch, cfg.frames, 0.2, generator=gen, device=device)
         with amp:
-            loss = diffusion_loss(fn, schedule, x0, t, learn_sigma=True, generator=gen, backend=backend).loss
+            loss = diffusion_loss(fn, schedule, x0, t, learn_sigma=True, generator=gen, ops=model.ops).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

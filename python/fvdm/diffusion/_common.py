@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -26,3 +28,17 @@ def randn_like_shape(shape, generator: torch.Generator | None, device, dtype) ->
     result goes), then moved to device."""
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def check_on_device(ok: torch.Tensor, message: Callable[[], str]) -> None:
+    """ValueError(message()) unless every element of the bool tensor `ok` is true, without a
+    host read from Python: on the CPU torch tests it in place; on a GPU it is a device-side
+    assertion that does not stall the stream (a failure surfaces at the next sync, as a CUDA
+    error carrying the message). The message is built only on failure, on the CPU."""
+    if ok.device.type == "cpu":
+        try:
+            torch._assert_async(ok.all())
+        except RuntimeError:
+            raise ValueError(message()) from None
+    else:
+        torch._assert_async(ok.all(), message())

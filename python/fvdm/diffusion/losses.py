@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
 
 from fvdm.diffusion.objectives import check_objective, prediction_coeffs, training_target, x0_estimate
 from fvdm.diffusion.schedules import DDPMSchedule, Schedule
-from fvdm.diffusion._common import held_mask, per_frame, randn_like_shape
+from fvdm.diffusion._common import check_on_device, held_mask, per_frame, randn_like_shape
 from fvdm.ops import get_backend
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B,F,C,H,W), t (B,F)) -> out
@@ -41,8 +42,7 @@ def frame_mean(x: torch.Tensor) -> torch.Tensor:
 def weighted_frame_mean(per_frame: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Mean of (B, F) values with (B, F) weights (all elements of a frame share its weight)."""
     total = weights.sum()
-    if float(total) <= 0:
-        raise ValueError("the frame weights sum to zero: every frame is held or masked")
+    check_on_device(total > 0, lambda: "the frame weights sum to zero: every frame is held or masked")
     return (per_frame * weights).sum() / total
 
 
@@ -120,10 +120,11 @@ def _self_condition_input(model_fn, schedule, x_t, model_t, t, use, objective, C
     `use`, zeros for the others. The first pass sees only the chosen clips (half the batch on
     average, so it costs half a forward pass), as model_fn(x, t, x_self, rows=their indices)."""
     x_self = torch.zeros_like(x_t)
-    use = use.to(x_t.device)
     if use.shape != (x_t.shape[0],) or use.dtype != torch.bool:
         raise ValueError(f"self_condition must be a ({x_t.shape[0]},) bool mask, got {tuple(use.shape)} {use.dtype}")
-    rows = use.nonzero().squeeze(1)
+    # The rows are found where the mask lives: a mask on the host (as the trainer draws it)
+    # costs no device sync.
+    rows = use.nonzero().squeeze(1).to(x_t.device)
     if len(rows):
         with torch.no_grad():
             first = model_fn(x_t[rows], model_t[rows], x_self[rows], rows=rows)[:, :, :C].to(x_t.dtype)
@@ -160,7 +161,7 @@ def diffusion_loss(
     learn_sigma: bool = False,
     self_condition: torch.Tensor | None = None,
     vb_t0: str = "frame",
-    backend: str = "auto",
+    ops: SimpleNamespace | None = None,
 ) -> LossOutput:
     """Loss of model_fn on clean clips x0 (B, F, C, H, W) at per-frame times t (B, F) (or (B,)).
 
@@ -173,9 +174,13 @@ def diffusion_loss(
     holding per-clip inputs of its own, like class labels, can pick theirs), the others get
     zeros (Chen et al. 2022 draw it with probability 1/2). None: the model takes no estimate.
     vb_t0: which frames at t = 0 get the VB term's decoder NLL, "frame" or the official "clip"
-    rule (vb_term)."""
+    rule (vb_term). ops: the model's operator set (`model.ops`, chosen when it was built);
+    None: fvdm.ops.get_backend("auto").
+
+    t is validated here, once, on its device (no host read): a training step need not wait for
+    the GPU."""
     check_objective(objective)
-    ops = get_backend(backend)
+    ops = ops if ops is not None else get_backend("auto")
     if x0.dim() < 3:
         raise ValueError(f"x0 must have shape (B, F, ...), got {tuple(x0.shape)}")
     B, Fr = x0.shape[:2]
@@ -184,9 +189,7 @@ def diffusion_loss(
     if t.shape != (B, Fr):
         raise ValueError(f"t must have shape ({B}, {Fr}) or ({B},), got {tuple(t.shape)}")
     t = t.to(x0.device)
-    schedule.check_times(t)
-    if isinstance(schedule, DDPMSchedule) and t.numel() and int(t.min()) < 0:
-        raise ValueError("t must lie in [0, T-1] for training (-1, clean, is a sampling time only)")
+    schedule.check_times(t, clean=False)
     if learn_sigma and not isinstance(schedule, DDPMSchedule):
         raise ValueError("learn_sigma needs a DDPM schedule (the VB term is defined for discrete posteriors)")
 

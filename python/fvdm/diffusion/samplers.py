@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
 
 from fvdm.diffusion.objectives import check_objective, prediction_coeffs, x0_estimate
 from fvdm.diffusion.schedules import DDPMSchedule, FlowSchedule, Schedule
-from fvdm.diffusion._common import held_mask, per_frame, randn_like_shape
+from fvdm.diffusion._common import check_on_device, held_mask, per_frame, randn_like_shape
 from fvdm.ops import get_backend
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,F,C,H,W), t (B,F)) -> out
@@ -131,7 +132,7 @@ def sample(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-    backend: str = "auto",
+    ops: SimpleNamespace | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Run a schedule matrix S from x_init (default: N(0, I) of `shape` from `generator`).
@@ -147,7 +148,8 @@ def sample(
     takes model_fn(x, t, x_self), x_self the previous step's x0 estimate (zeros at first; the
     clean values for held frames). noise_scale: multiplies the fresh noise of every ddpm (or
     ddim eta > 0) step, not the starting noise: the sampling temperature (1: the exact
-    posterior; < 1 trades diversity for cleaner samples from an undertrained model). Returns
+    posterior; < 1 trades diversity for cleaner samples from an undertrained model). ops: the
+    model's operator set (`model.ops`); None: fvdm.ops.get_backend("auto"). Returns
     x (B, F, C, H, W)."""
     check_objective(objective)
     if not (math.isfinite(noise_scale) and noise_scale >= 0):
@@ -157,7 +159,7 @@ def sample(
     if conditioning not in CONDITIONING:
         raise ValueError(f"unknown conditioning {conditioning!r}; choose one of {CONDITIONING}")
     replace = conditioning == "replace"
-    ops = get_backend(backend)
+    ops = ops if ops is not None else get_backend("auto")
     method = method or ("euler" if isinstance(schedule, FlowSchedule) else "ddim")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -290,8 +292,8 @@ def _check_matrix(S: torch.Tensor, schedule: Schedule, B: int, Fr: int) -> torch
     if S.shape[0] < 2:
         raise ValueError(f"schedule matrix S needs at least 2 rows (one step), got {S.shape[0]}")
     schedule.check_times(S, "S")
-    if bool((S[1:] > S[:-1]).any()):
-        raise ValueError("schedule matrix S must be non-increasing down every column (noisy -> clean)")
+    check_on_device(S[1:] <= S[:-1], lambda: "schedule matrix S must be non-increasing down every column "
+                    "(noisy -> clean)")
     if isinstance(schedule, FlowSchedule):
         S = S.to(torch.float64)
     return S

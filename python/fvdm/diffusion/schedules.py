@@ -18,6 +18,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from fvdm.diffusion._common import check_on_device
+
 DDPM_BETA_SCHEDULES = ("linear", "cosine")
 
 
@@ -47,6 +49,7 @@ class DDPMSchedule:
     posterior_log_variance_clipped: torch.Tensor  # log beta~_t, entry 0 (which is 0) replaced by entry 1
     posterior_mean_coef1: torch.Tensor  # weight of x0 in the posterior mean
     posterior_mean_coef2: torch.Tensor  # weight of x_t in the posterior mean
+    alpha_bar_from_clean: torch.Tensor  # (T + 1,): [1, alphas_cumprod], row t + 1 for t in [-1, T-1]
 
     clean_time = -1  # class constants, not tables
     kind = "ddpm"
@@ -72,6 +75,7 @@ class DDPMSchedule:
             posterior_log_variance_clipped=torch.log(torch.cat([post_var[1:2], post_var[1:]])),
             posterior_mean_coef1=betas * ac_prev.sqrt() / (1.0 - ac),
             posterior_mean_coef2=(1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
+            alpha_bar_from_clean=torch.cat([ac.new_ones(1), ac]),
         )
 
     @property
@@ -85,17 +89,19 @@ class DDPMSchedule:
     def to(self, device: torch.device | str) -> DDPMSchedule:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-    def check_times(self, t: torch.Tensor, name: str = "t") -> None:
+    def check_times(self, t: torch.Tensor, name: str = "t", clean: bool = True) -> None:
+        """ValueError unless t holds integer timesteps in [-1, T-1] ([0, T-1] when clean=False:
+        training times), checked on t's device without a host read (check_on_device)."""
         if t.dtype.is_floating_point or t.dtype == torch.bool:
             raise ValueError(f"{name} must hold integer DDPM timesteps, got dtype {t.dtype}")
-        if t.numel() and (int(t.min()) < -1 or int(t.max()) >= self.num_timesteps):
-            raise ValueError(f"{name} must lie in [-1, {self.num_timesteps - 1}] (-1 = clean), got "
-                             f"[{int(t.min())}, {int(t.max())}]")
+        lo, hi = (-1 if clean else 0), self.num_timesteps - 1
+        check_on_device((t >= lo) & (t <= hi), lambda: (
+            f"{name} must lie in [{lo}, {hi}]{' (-1 = clean)' if clean else ' (-1, clean, is a sampling time only)'}"
+            + (f", got [{int(t.min())}, {int(t.max())}]" if t.device.type == "cpu" else "")))
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         """alpha_bar at integer times t (any shape), with alpha_bar(-1) = 1; float64."""
-        table = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod]).to(t.device)
-        return table[t.long() + 1]
+        return self.alpha_bar_from_clean.to(t.device)[t.long() + 1]
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha, sigma) of x_t = alpha x0 + sigma eps at integer times t; float64."""
@@ -126,11 +132,13 @@ class FlowSchedule:
     def to(self, device: torch.device | str) -> FlowSchedule:
         return self
 
-    def check_times(self, t: torch.Tensor, name: str = "t") -> None:
+    def check_times(self, t: torch.Tensor, name: str = "t", clean: bool = True) -> None:
+        """ValueError unless t holds float times in [0, 1] (clean: unused, every flow time may
+        be trained on), checked on t's device without a host read (check_on_device)."""
         if not t.dtype.is_floating_point:
             raise ValueError(f"{name} must hold float flow times in [0, 1], got dtype {t.dtype}")
-        if t.numel() and (float(t.min()) < 0.0 or float(t.max()) > 1.0):
-            raise ValueError(f"{name} must lie in [0, 1], got [{float(t.min())}, {float(t.max())}]")
+        check_on_device((t >= 0.0) & (t <= 1.0), lambda: f"{name} must lie in [0, 1]" + (
+            f", got [{float(t.min())}, {float(t.max())}]" if t.device.type == "cpu" else ""))
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = t.to(torch.float64)

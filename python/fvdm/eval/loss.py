@@ -40,7 +40,7 @@ def held_out_loss(model: torch.nn.Module, cfg: Config, num_clips: int = 32, batc
             self_cond = torch.ones(B, dtype=torch.bool) if model.config.self_condition else None
             out = diffusion_loss(lambda x, tt, *x_self, rows=None: model(x, tt, None, *x_self), schedule, x0.to(device),
                                  t.to(device), objective=cfg.diffusion.objective, noise=noise.to(device),
-                                 learn_sigma=cfg.model.learn_sigma, self_condition=self_cond, backend=model.backend)
+                                 learn_sigma=cfg.model.learn_sigma, self_condition=self_cond, ops=model.ops)
             total += float(out.mse.mean()) * B
             n += B
         name = f"t in [{edges[b]:.1f}, {edges[b + 1]:.1f})" if b < buckets else "per-frame independent t"

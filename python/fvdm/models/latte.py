@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -191,7 +192,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 class SpatialAttention(_Attention):
     """Self-attention among the N tokens of each frame: (B, F, N, D) seen as (B*F, N, D)."""
 
-    def forward(self, x: torch.Tensor, ops, frame_local: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frame_local: bool = False) -> torch.Tensor:
         B, Fr, N, D = x.shape
         H = self.num_heads
         qkv = self.qkv(x).view(B * Fr, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (3, B*F, H, N, Dh)
@@ -203,24 +204,28 @@ class JointAttention(SpatialAttention):
     """Self-attention among all F*N tokens of a clip: spatial attention over the clip seen as
     one frame, (B, F, N, D) as (B, 1, F*N, D)."""
 
-    def forward(self, x: torch.Tensor, ops, frame_local: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frame_local: bool = False) -> torch.Tensor:
         if frame_local:  # within each frame only: spatial attention
-            return super().forward(x, ops)
+            return super().forward(x)
         B, Fr, N, D = x.shape
-        return super().forward(x.reshape(B, 1, Fr * N, D), ops).view(B, Fr, N, D)
+        return super().forward(x.reshape(B, 1, Fr * N, D)).view(B, Fr, N, D)
 
 
 class TemporalAttention(_Attention):
     """Self-attention along F for every (b, token, head). The fused op reads q, k, v in place
     from the (B, F, N, 3, H, Dh) projection and writes (B, F, N, H, Dh): no transposes; its
-    backward writes the projection's gradient in that layout too."""
+    backward writes the projection's gradient in that layout too. ops: the model's operator set."""
 
-    def forward(self, x: torch.Tensor, ops, frame_local: bool = False) -> torch.Tensor:
+    def __init__(self, dim: int, num_heads: int, ops: SimpleNamespace):
+        super().__init__(dim, num_heads)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor, frame_local: bool = False) -> torch.Tensor:
         B, Fr, N, D = x.shape
         H = self.num_heads
         if frame_local:  # each frame attends only to itself: the output is its own value
             return self.proj(F.linear(x, self.qkv.weight[2 * D:], self.qkv.bias[2 * D:]))
-        out = ops.temporal_attention_qkv(self.qkv(x).view(B, Fr, N, 3, H, D // H))  # (B, F, N, H, Dh)
+        out = self.ops.temporal_attention_qkv(self.qkv(x).view(B, Fr, N, 3, H, D // H))  # (B, F, N, H, Dh)
         return self.proj(out.view(B, Fr, N, D))
 
 
@@ -249,21 +254,25 @@ BLOCK_KINDS = {"S": SpatialAttention, "T": TemporalAttention, "J": JointAttentio
 
 class LatteBlock(nn.Module):
     """adaLN-zero transformer block, conditioned per frame by c (B, F, D); kind is a
-    BLOCK_KINDS letter: spatial, temporal or joint space-time attention."""
+    BLOCK_KINDS letter: spatial, temporal or joint space-time attention. ops: the operator set
+    (fvdm.ops.get_backend) its modulation, residuals and temporal attention run on."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kind: str = "S", gelu: str = "exact"):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kind: str = "S", gelu: str = "exact",
+                 ops: SimpleNamespace | None = None):
         super().__init__()
         self.kind = kind
-        self.attn = BLOCK_KINDS[kind](dim, num_heads)
+        self.ops = ops if ops is not None else get_backend("auto")
+        self.attn = TemporalAttention(dim, num_heads, self.ops) if kind == "T" else BLOCK_KINDS[kind](dim, num_heads)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, ops, frame_local: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, frame_local: bool = False) -> torch.Tensor:
+        ops = self.ops
         # Six (B, F, D) vectors per frame; cast to the residual stream's dtype because the
         # fused ops take one dtype (under autocast the Linear gives bf16, x stays float32).
         mods = self.adaLN_modulation(c).to(x.dtype).chunk(6, dim=-1)
         shift1, scale1, gate1, shift2, scale2, gate2 = mods
-        h = self.attn(ops.adaln_modulate(x, shift1, scale1), ops, frame_local)
+        h = self.attn(ops.adaln_modulate(x, shift1, scale1), frame_local)
         x = ops.gated_residual(x, h.to(x.dtype), gate1)
         h = self.mlp(ops.adaln_modulate(x, shift2, scale2))
         return ops.gated_residual(x, h.to(x.dtype), gate2)
@@ -273,14 +282,15 @@ class FinalLayer(nn.Module):
     """Per-frame adaLN, then a Linear to the p*p*C values of each patch (C = C_out, or the
     conv head's channels)."""
 
-    def __init__(self, dim: int, patch_size: int, out_channels: int):
+    def __init__(self, dim: int, patch_size: int, out_channels: int, ops: SimpleNamespace | None = None):
         super().__init__()
+        self.ops = ops if ops is not None else get_backend("auto")
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, ops) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).to(x.dtype).chunk(2, dim=-1)
-        return self.linear(ops.adaln_modulate(x, shift, scale))  # (B, F, N, p*p*C)
+        return self.linear(self.ops.adaln_modulate(x, shift, scale))  # (B, F, N, p*p*C)
 
 
 class ConvHead(nn.Module):
@@ -306,15 +316,16 @@ class Latte(nn.Module):
     """Video DiT with per-frame timesteps.
 
     forward(x (B, F, C, H, W), t (B, F) or (B,), y (B,) or None) -> (B, F, C_out, H, W).
-    backend: "fused" | "reference" | "auto", the operator set (fvdm.ops.get_backend); it can
-    be changed later with set_backend()."""
+    backend: "fused" | "reference" | "auto", resolved once here to the operator set
+    (fvdm.ops.get_backend) that the blocks hold; `model.ops` is what the diffusion loss and
+    samplers are given alongside the model."""
 
     def __init__(self, config: LatteConfig, backend: str = "auto"):
         super().__init__()
         config.validate()
         self.config = config
         D = config.hidden_size
-        self.set_backend(backend)
+        self.ops = get_backend(backend)
 
         embed_channels = config.in_channels * (2 if config.self_condition else 1)
         self.x_embedder = PatchEmbed(config.patch_size, embed_channels, D)
@@ -334,18 +345,14 @@ class Latte(nn.Module):
 
         kinds = config.block_kinds()
         self.blocks = nn.ModuleList(
-            LatteBlock(D, config.num_heads, config.mlp_ratio, kind, config.gelu) for kind in kinds
+            LatteBlock(D, config.num_heads, config.mlp_ratio, kind, config.gelu, self.ops) for kind in kinds
         )
         # The temporal table goes in once, before the first block that mixes frames.
         self.temp_embed_at = next((i for i, k in enumerate(kinds) if k != "S"), config.depth)
         head = config.conv_head or config.out_channels
-        self.final_layer = FinalLayer(D, config.patch_size, head)
+        self.final_layer = FinalLayer(D, config.patch_size, head, self.ops)
         self.conv_head = ConvHead(head, config.out_channels, config.conv_head_layers) if config.conv_head else None
         self.initialize_weights()
-
-    def set_backend(self, backend: str) -> None:
-        self.backend = backend
-        self.ops = get_backend(backend)
 
     def initialize_weights(self) -> None:
         """Xavier Linears, N(0, 0.02) embedding MLPs, and adaLN-zero: the adaLN Linears and the
@@ -425,10 +432,10 @@ class Latte(nn.Module):
             if i == self.temp_embed_at:
                 h = h + self.temp_embed[:, :Fr].to(h.dtype)
             if cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, self.ops, frame_local, use_reentrant=False)
+                h = checkpoint(block, h, c, frame_local, use_reentrant=False)
             else:
-                h = block(h, c, self.ops, frame_local)
-        h = self.unpatchify(self.final_layer(h, c, self.ops))  # (B, F, C, H, W)
+                h = block(h, c, frame_local)
+        h = self.unpatchify(self.final_layer(h, c))  # (B, F, C, H, W)
         return h if self.conv_head is None else self.conv_head(h)  # (B, F, C_out, H, W)
 
     def unpatchify(self, h: torch.Tensor) -> torch.Tensor:

@@ -14,10 +14,10 @@ Run directory: config.yaml, metrics.jsonl, loss.png, samples/step_*.png, checkpo
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ from fvdm.config import Config, from_dict, read_config_file, save_config
 from fvdm.diffusion import clean_prefix_mask, diffusion_loss, min_snr_weights, sample_timesteps
 from fvdm.errors import UserError
 from fvdm.precision import resolve_precision
-from fvdm.train import distributed as D
+from fvdm.train import distributed
 from fvdm.train.checkpoint import (find_latest, load_checkpoint, save_checkpoint, scan_checkpoints,
                                    state_dict_mismatch)
 from fvdm.train.lock import RunLock
@@ -40,8 +40,6 @@ from fvdm.train.rng import capture_rng
 
 TRAIN_LOG = "train_log.jsonl"  # one line per start / end of a training invocation
 STEP_SEED_STRIDE = 1_000_003  # (seed, step) -> one generator seed; a prime keeps runs apart
-# Tests slow the loop down with this so that a signal lands mid-run; never set otherwise.
-_TEST_STEP_DELAY = float(os.environ.get("FVDM_TEST_STEP_DELAY", "0"))
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -75,17 +73,45 @@ class ClipOrder:
             epoch = k // self.length
             if epoch != self._epoch:
                 g = torch.Generator().manual_seed(self.seed * STEP_SEED_STRIDE + epoch)
-                self._epoch, self._perm = epoch, torch.randperm(self.length, generator=g)
-            out.append(int(self._perm[k % self.length]))
+                self._epoch, self._perm = epoch, torch.randperm(self.length, generator=g).tolist()
+            out.append(self._perm[k % self.length])
         return out
 
 
 class Diverged(Exception):
-    """The loss or the gradients of a step (1-based) became non-finite; no update was made."""
+    """The loss or the gradients of a step (1-based) became non-finite; noticed at step
+    `noticed` (the next step that reads the loss to the host), with nothing saved after it."""
 
-    def __init__(self, step: int, what: str):
+    def __init__(self, step: int, what: str, noticed: int | None = None):
         super().__init__(f"step {step}: {what}")
-        self.step, self.what = step, what
+        self.step, self.what, self.noticed = step, what, noticed if noticed is not None else step
+
+
+class Health:
+    """The first step (1-based) whose loss or gradient norm was not finite, with those two
+    values, kept on the training device: record() costs no host sync, so a GPU step is never
+    stalled for it; check() reads it (one sync) and raises Diverged. The trainer checks at every
+    log step and before it writes anything (checkpoint, preview), so nothing saved comes from a
+    step at or after the first bad one."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.zeros((), dtype=torch.long, device=device)  # 0: every step finite so far
+        self.loss = torch.zeros((), device=device)
+        self.grad_norm = torch.zeros((), device=device)
+
+    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        new = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self.first == 0)
+        self.first = torch.where(new, step, self.first)
+        self.loss = torch.where(new, loss.float(), self.loss)
+        self.grad_norm = torch.where(new, grad_norm.float(), self.grad_norm)
+
+    def check(self, now: int) -> None:
+        first = int(self.first)
+        if first:
+            loss = float(self.loss)
+            what = (f"the loss became {loss}" if not math.isfinite(loss)
+                    else f"the gradient norm became {float(self.grad_norm)}")
+            raise Diverged(first, what, now)
 
 
 @dataclass
@@ -99,12 +125,15 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: str | Path | bool | None = None,
-                 progress: bool = True, console=None, start_fresh: bool = False):
+                 progress: bool = True, console=None, start_fresh: bool = False,
+                 on_step: Callable[[int], None] | None = None):
         """resume: None (a new run: the directory must hold no checkpoints), True (the latest
         usable checkpoint of run_dir; none there yet: step 0), or a checkpoint path.
         start_fresh: with resume=True, train from step 0 when run_dir holds checkpoints of which
-        none is usable (else that is refused, naming each and why)."""
+        none is usable (else that is refused, naming each and why). on_step(step): called after
+        every training step with the number of steps done (tests slow the loop with it)."""
         self.cfg = cfg
+        self.on_step = on_step
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.console = console
@@ -118,8 +147,8 @@ class Trainer:
     def _init(self, resume, start_fresh: bool) -> None:
         cfg = self.cfg
         device = resolve_device(cfg.train.device)
-        self.world = D.init_world(device)
-        self.device = D.local_device(device, self.world)
+        self.world = distributed.init_world(device)
+        self.device = distributed.local_device(device, self.world)
         tc = cfg.train
         if tc.batch_size % self.world.size:
             raise UserError(f"train.batch_size {tc.batch_size} must be divisible by the number of processes "
@@ -142,6 +171,7 @@ class Trainer:
             raise UserError("the dataset is empty")
         self.order = ClipOrder(len(self.dataset), cfg.data.seed)
         self.step = 0
+        self.health = Health(self.device)
         self.last_good: Path | None = None  # the newest checkpoint known good: loaded or saved here
         if self.ckpt_to_load is not None:
             self._load(self.ckpt_to_load)
@@ -152,7 +182,7 @@ class Trainer:
             if dropped:
                 self._log(f"metrics.jsonl: dropped {dropped} records of steps after {self.step} (written after "
                           "the checkpoint; they are trained again)")
-        D.barrier(self.world)
+        distributed.barrier(self.world)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                             else None) if self.world.distributed else self.model)
         self._stop_signal: str | None = None
@@ -221,6 +251,7 @@ class Trainer:
         self._log(f"resumed from {ckpt.path} at step {self.step}")
 
     def save(self) -> Path | None:
+        self.health.check(self.step)  # never save weights from a diverged step
         path = None
         if self.world.is_main:
             state = {"optimizer": self.opt.state_dict(), "step": self.step, "rng": capture_rng(),
@@ -229,7 +260,7 @@ class Trainer:
             path = save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self.ema.state_dict(), state,
                                    config=self.cfg.to_dict(), keep=self.cfg.train.keep_checkpoints or None)
             self.last_good = path
-        D.barrier(self.world)
+        distributed.barrier(self.world)
         return path
 
     # ------------------------------------------------------------------ one step
@@ -257,7 +288,8 @@ class Trainer:
         noise = torch.randn((B, *x0.shape[1:]), generator=g, dtype=x0.dtype)[lo:hi]
         drop = torch.rand(B, generator=g)[lo:hi] < cfg.model.class_dropout_prob
         # self-conditioning pass for half the clips (drawn only then: older runs keep their streams)
-        self_cond = (torch.rand(B, generator=g)[lo:hi] < 0.5).to(self.device) if cfg.model.self_condition else None
+        # (kept on the host: diffusion_loss picks the rows from it without a device sync)
+        self_cond = (torch.rand(B, generator=g)[lo:hi] < 0.5) if cfg.model.self_condition else None
         held = None  # drawn only when used, like self_cond
         if cfg.diffusion.clean_prefix_p > 0:
             held = clean_prefix_mask(B, x0.shape[1], cfg.diffusion.clean_prefix_p, generator=g)[lo:hi].to(self.device)
@@ -281,17 +313,13 @@ class Trainer:
             out = diffusion_loss(model_fn, self.schedule, x0, t,
                                  objective=cfg.diffusion.objective, noise=noise, learn_sigma=cfg.model.learn_sigma,
                                  held=held, self_condition=self_cond, frame_weights=weights, vb_t0=cfg.diffusion.vb_t0,
-                                 backend=self.model.backend)
+                                 ops=self.model.ops)
         loss = out.loss
-        if not torch.isfinite(loss):
-            raise Diverged(step + 1, f"the loss became {loss.item()}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         clip = tc.grad_clip if tc.grad_clip is not None and step >= tc.grad_clip_after else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        if not torch.isfinite(grad_norm):  # checked before the update: the weights stay finite
-            self.opt.zero_grad(set_to_none=True)
-            raise Diverged(step + 1, f"the gradient norm became {grad_norm.item()}")
+        self.health.record(step + 1, loss.detach(), grad_norm.detach())
         self.opt.step()
         self.ema.update(self.model, step)
         return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "lr": lr}
@@ -318,7 +346,9 @@ class Trainer:
         if tc.precision != "fp32":
             tries.append("train.precision=fp32")
         resume = ", then --resume" if self.last_good is not None else ""
-        return (f"training diverged at step {e.step}: {e.what}; {saved}; metrics up to there are in "
+        noticed = (f" (noticed at step {e.noticed}: the loss is read every train.log_every steps)"
+                   if e.noticed != e.step else "")
+        return (f"training diverged at step {e.step}: {e.what}{noticed}; {saved}; metrics up to there are in "
                 f"{self.run_dir / 'metrics.jsonl'}. Try {', '.join(tries)}{resume}")
 
     def _run(self) -> TrainResult:
@@ -342,12 +372,14 @@ class Trainer:
                 while self.step < tc.steps:
                     self.model.train()
                     stats = self.train_step(self.step)
-                    if _TEST_STEP_DELAY:
-                        time.sleep(_TEST_STEP_DELAY)
                     self.step += 1
                     window_steps += 1
+                    if self.on_step is not None:
+                        self.on_step(self.step)
+                    # The loss is read to the host only here, every log_every steps.
                     if self.step % tc.log_every == 0 or self.step == tc.steps:
-                        stats = D.mean_over_ranks(stats, self.world)
+                        self.health.check(self.step)
+                        stats = distributed.mean_over_ranks(stats, self.world)
                         elapsed = time.perf_counter() - window_t0
                         record = {"step": self.step, "loss": float(stats["loss"]), "grad_norm": float(stats["grad_norm"]),
                                   "lr": stats["lr"], "it_per_s": window_steps / max(elapsed, 1e-9), "time": time.time()}
@@ -356,8 +388,8 @@ class Trainer:
                             media.append_jsonl(metrics_path, record)
                         bar.update(task, loss=record["loss"])
                     bar.update(task, completed=self.step)
-                    stop = D.any_flag(self._stop_signal is not None, self.world, self.device)
-                    time_limited = tc.max_minutes is not None and self.step < tc.steps and D.any_flag(
+                    stop = distributed.any_flag(self._stop_signal is not None, self.world, self.device)
+                    time_limited = tc.max_minutes is not None and self.step < tc.steps and distributed.any_flag(
                         time.monotonic() > deadline, self.world, self.device)  # at the last step it simply ends
                     if self.step % tc.ckpt_every == 0 or self.step == tc.steps or stop or time_limited:
                         last_ckpt = self.save()
@@ -397,8 +429,9 @@ class Trainer:
     def preview(self) -> Path | None:
         """A grid of samples (rows: videos, columns: frames) in samples/step_*.png, from the
         weights `sample` uses (sample.use_ema: the EMA or the raw ones)."""
+        self.health.check(self.step)
         if not self.world.is_main:
-            D.barrier(self.world)
+            distributed.barrier(self.world)
             return None
         from fvdm.generate import Codec, generate
 
@@ -411,7 +444,7 @@ class Trainer:
         model.train(training)  # generate() put it in eval mode
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         media.save_contact_sheet(path, videos.video, held=videos.held)
-        D.barrier(self.world)
+        distributed.barrier(self.world)
         return path
 
     def _write_plots(self, metrics_path: Path) -> None:
@@ -456,13 +489,13 @@ class Trainer:
 
 
 def train(cfg: Config, run_dir: str | Path, resume=None, progress: bool = True,
-          start_fresh: bool = False) -> TrainResult:
-    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress, start_fresh=start_fresh)
+          start_fresh: bool = False, on_step: Callable[[int], None] | None = None) -> TrainResult:
+    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress, start_fresh=start_fresh, on_step=on_step)
     try:
         return trainer.run()
     finally:
         trainer.close()
-        D.shutdown(trainer.world)
+        distributed.shutdown(trainer.world)
 
 
 __all__ = ["Trainer", "TrainResult", "train", "lr_at", "ClipOrder", "step_generator"]
