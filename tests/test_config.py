@@ -64,3 +64,21 @@ def test_save_and_reload_round_trip(tmp_path):
     assert again == cfg
     assert yaml.safe_load((tmp_path / "c.yaml").read_text())["train"]["steps"] == 11
     assert isinstance(Config().to_dict()["train"]["betas"], list)
+
+
+def test_the_model_section_is_the_models_own_config_less_the_data_geometry():
+    from fvdm.build import build_model
+    from fvdm.models import ModelConfig
+
+    cfg = load_config("demo_cpu")
+    assert type(cfg.model) is ModelConfig
+    assert not {"input_size", "in_channels", "num_frames"} & set(cfg.to_dict()["model"])
+    for key in ("input_size", "in_channels", "num_frames"):
+        with pytest.raises(UserError, match=f"model.{key} is not set in a config: the model takes it from the data"):
+            load_config("demo_cpu", [f"model.{key}=8"])
+    model = build_model(load_config("demo_cpu", ["model.size=T/2", "model.depth=2", "model.hidden_size=32",
+                                                 "model.num_heads=2"]))
+    got = model.config
+    assert (got.depth, got.hidden_size, got.num_heads, got.patch_size) == (2, 32, 2, 4)  # patch from demo_cpu
+    assert (got.input_size, got.in_channels, got.num_frames) == (16, 3, 8)  # from the data section
+    assert ModelConfig().learn_sigma is False and got.learn_sigma is False  # one default, the run config's

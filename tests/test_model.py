@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from fvdm import HAS_C
-from fvdm.models import Latte, LatteBlock, latte, latte_config
+from fvdm.models import Latte, LatteBlock, latte, model_config
 from fvdm.ops import get_backend
 
 needs_c = pytest.mark.skipif(not HAS_C, reason="fvdm._C is not built")
 REF = get_backend("reference")
 
-TINY = dict(input_size=8, in_channels=3, num_frames=6)  # 16 tokens per frame
+TINY = dict(input_size=8, in_channels=3, num_frames=6, learn_sigma=True)  # 16 tokens per frame, 6 output channels
 
 
 def perturbed(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
@@ -105,7 +105,7 @@ def test_conv_head_starts_at_zero_and_reaches_across_patch_borders():
     assert (diff[1:5, 1:5] > 0).all()  # the patch plus a one-pixel ring around it
     assert torch.equal(diff[6:, :], torch.zeros(2, 8)) and torch.equal(diff[:, 6:], torch.zeros(8, 2))
     with pytest.raises(ValueError, match="conv_head"):
-        latte_config("T/2", conv_head=-1).validate()
+        model_config("T/2", conv_head=-1).validate()
 
 
 def test_deeper_conv_head_reaches_one_more_pixel_per_layer():
@@ -124,7 +124,7 @@ def test_deeper_conv_head_reaches_one_more_pixel_per_layer():
     one = latte("T/2", backend="reference", conv_head=8, **TINY).state_dict()
     assert sorted(k for k in one if k.startswith("conv_head.")) == ["conv_head.conv.bias", "conv_head.conv.weight"]
     with pytest.raises(ValueError, match="conv_head_layers"):
-        latte_config("T/2", conv_head=8, conv_head_layers=0).validate()
+        model_config("T/2", conv_head=8, conv_head_layers=0).validate()
 
 
 # ----------------------------------------------------------------------------- per-frame conditioning
@@ -136,7 +136,7 @@ def test_fresh_model_outputs_zeros_and_shapes():
     out = model(x, t)
     assert out.shape == (2, 6, 6, 8, 8)  # learned variance doubles the channels
     assert torch.equal(out, torch.zeros_like(out))
-    small = latte("T/2", backend="reference", learn_sigma=False, **TINY)
+    small = latte("T/2", backend="reference", **{**TINY, "learn_sigma": False})
     assert small(x, t).shape == x.shape
 
 
@@ -345,7 +345,7 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="y was given"):
         model(x, t, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="unknown model size"):
-        latte_config("Q/3")
+        model_config("Q/3")
     with pytest.raises(ValueError, match="num_heads"):
         latte("T/2", num_heads=5, **TINY)
 
@@ -353,7 +353,7 @@ def test_bad_inputs_name_the_argument():
 def test_presets_match_latte_sizes():
     for name, (depth, width, heads) in {"S/2": (12, 384, 6), "B/2": (12, 768, 12), "L/2": (24, 1024, 16),
                                          "XL/2": (28, 1152, 16)}.items():
-        cfg = latte_config(name)
+        cfg = model_config(name)
         assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.patch_size) == (depth, width, heads, 2)
-    cfg = latte_config("S/2")
+    cfg = model_config("S/2", learn_sigma=True)
     assert cfg.num_patches == 256 and cfg.out_channels == 8  # 32x32x4 latents, learned sigma

@@ -5,6 +5,7 @@ config describes."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from fvdm.config import Config
 from fvdm.diffusion import Schedule, make_schedule
 from fvdm.errors import UserError
-from fvdm.models import Latte, latte_config
+from fvdm.models import Latte
 
 
 
@@ -70,21 +71,16 @@ def model_input_shape(cfg: Config) -> tuple[int, int, int]:
 
 
 def build_model(cfg: Config, backend: str | None = None) -> Latte:
-    m = cfg.model
+    """The run's model: its model section with the geometry of its data (model_input_shape);
+    backend, if given, replaces model.backend."""
     frames, channels, size = model_input_shape(cfg)
-    overrides = {k: getattr(m, k) for k in ("patch_size", "hidden_size", "depth", "num_heads") if getattr(m, k) is not None}
+    m = cfg.model if backend is None else replace(cfg.model, backend=backend)
     try:
-        lc = latte_config(
-            m.size, input_size=size, in_channels=channels, num_frames=frames, mlp_ratio=m.mlp_ratio,
-            num_classes=m.num_classes, class_dropout_prob=m.class_dropout_prob, learn_sigma=m.learn_sigma,
-            learned_pos_embed=m.learned_pos_embed, gelu=m.gelu, grad_checkpointing=m.grad_checkpointing,
-            self_condition=m.self_condition, conv_head=m.conv_head, conv_head_layers=m.conv_head_layers,
-            block_pattern=m.block_pattern, **overrides,
-        )
-        lc.validate()
+        mc = m.resolved(input_size=size, in_channels=channels, num_frames=frames)
+        mc.validate()
     except ValueError as e:
         raise UserError(f"model config: {e}") from None
-    return Latte(lc, backend=backend or m.backend)
+    return Latte(mc)
 
 
 def build_dataset(cfg: Config, run_dir: Path | None = None, device: torch.device | None = None):

@@ -204,15 +204,15 @@ def bench_model(
     """Time one training step and one sampling step of the video DiT: fused vs reference vs torch.compile."""
     from fvdm.bench import model as mb
     from fvdm.bench.common import write_results
-    from fvdm.models import LATTE_SIZES
+    from fvdm.models import GELU_FORMS, LATTE_SIZES
 
     dev = _device(device)
     if size not in LATTE_SIZES:
         fail(f"unknown model size {size!r}; choose from {', '.join(LATTE_SIZES)}")
     if dtype not in ("fp32", "bf16"):
         fail(f"--dtype must be fp32 or bf16, got {dtype!r}")
-    if gelu not in ("exact", "tanh"):
-        fail(f"--gelu must be exact or tanh, got {gelu!r}")
+    if gelu not in GELU_FORMS:
+        fail(f"--gelu must be one of {', '.join(GELU_FORMS)}, got {gelu!r}")
     names = _split(variants, list(mb.VARIANTS), "variant")
     cfg = mb.ModelBenchConfig(size=size, batch=batch, frames=frames, dtype=dtype, steps=steps, device=dev.type,
                               profile=profile, gelu=gelu)
@@ -362,9 +362,6 @@ def train(
         sample(task="all", run=run_dir)
 
 
-TASK_CHOICES = ("unconditional", "i2v", "interpolate", "extend", "long", "rolling", "all")
-
-
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def sample(
     task: Annotated[str, typer.Argument(help="unconditional | i2v | interpolate | extend | long | rolling | all")] = "all",
@@ -416,9 +413,11 @@ def sample(
     from fvdm.progress import progress_bar
     from fvdm.runs import data_condition, image_condition, load_run, video_condition, write_outputs
 
-    if task not in TASK_CHOICES:
-        fail(f"unknown task {task!r}; choose one of {', '.join(TASK_CHOICES)}")
-    _split(conditioning, ["hold", "replace"], "--conditioning")
+    from fvdm.diffusion import CONDITIONING
+
+    if task not in (*TASKS, "all"):
+        fail(f"unknown task {task!r}; choose one of {', '.join((*TASKS, 'all'))}")
+    _split(conditioning, list(CONDITIONING), "--conditioning")
     _check_task_options(task, {"--image": image, "--video": video, "--keyframes": keyframes, "--frames": frames,
                                "--lag": lag, "--conditioning": None if conditioning == "hold" else conditioning})
     for name, value in (("--num", num), ("--steps", steps), ("--frames", frames), ("--lag", lag)):
@@ -652,8 +651,10 @@ def eval_synthetic(
     from fvdm.progress import progress_bar
     from fvdm.runs import load_run
 
+    from fvdm.diffusion import CONDITIONING
+
     chosen = list(TASKS) if tasks == "all" else _split(tasks, list(TASKS), "task")
-    _split(conditioning, ["hold", "replace"], "--conditioning")
+    _split(conditioning, list(CONDITIONING), "--conditioning")
     loaded = load_run(run, ckpt, use_ema=ema, device=_device_option(device))
     detector = _synthetic_i3d(device) if i3d_fvd and "unconditional" in chosen else None
     results: dict = {}

@@ -1,6 +1,7 @@
 """Run configuration: typed dataclasses, read from YAML, any key overridable as `section.key=value`.
 
-A config is five sections (model, data, diffusion, train, sample) of plain typed fields. YAML
+A config is five sections (model, data, diffusion, train, sample) of plain typed fields; the
+model section is the model's own fvdm.models.ModelConfig, less the geometry the data set. YAML
 files may give any subset; what they leave out keeps the defaults below. An unknown key, a
 value of the wrong type or an out-of-range value is a UserError naming the key, so a typo never
 trains the wrong model silently.
@@ -23,30 +24,10 @@ from typing import Any
 import yaml
 
 from fvdm.errors import UserError
+from fvdm.models.config import ModelConfig, data_fields
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-@dataclass
-class ModelConfig:
-    size: str = "mini/2"  # a Latte preset: S/2 B/2 L/2 XL/2 (paper), mini/2 T/2 (CPU)
-    # Overrides of the preset (None keeps it). input_size / in_channels follow the data.
-    patch_size: int | None = None
-    hidden_size: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float = 4.0
-    num_classes: int = 0  # > 0: class-conditional (UCF101: 101), labels from the data
-    class_dropout_prob: float = 0.1  # label -> null during training, for classifier-free guidance
-    learn_sigma: bool = False  # the official recipe learns the variance (DDPM only)
-    learned_pos_embed: bool = True  # false: fixed sin-cos tables, as the official code has them
-    gelu: str = "exact"  # exact | tanh (DiT / Latte / official FVDM; their weights need it; slower on the CPU)
-    grad_checkpointing: bool = False
-    self_condition: bool = False  # also feed the previous clean estimate (Chen et al. 2022); 2 passes on half the clips
-    conv_head: int = 0  # > 0: a 3x3 conv over whole frames after the patch Linear (U-ViT), with this many channels
-    conv_head_layers: int = 1  # 3x3 convs in the conv head (layers - 1 residual ones, then the output one)
-    block_pattern: str = "ST"  # block kinds cycled over depth: S spatial, T temporal, J joint space-time (small clips)
-    backend: str = "auto"  # fused | reference | auto (fused kernels when built)
+LR_SCHEDULES = ("constant", "cosine")  # train.lr_schedule (fvdm.train.trainer.lr_at)
 
 
 @dataclass
@@ -140,21 +121,30 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(asdict(self))
+        d = _plain(asdict(self))
+        for name in data_fields():  # set by the data when the model is built, never here
+            del d["model"][name]
+        return d
 
     def validate(self) -> Config:
-        _check_choice("data.kind", self.data.kind, ("sprites", "videos", "frames"))
-        _check_choice("diffusion.schedule", self.diffusion.schedule, ("linear", "cosine", "flow"))
-        _check_choice("diffusion.objective", self.diffusion.objective, ("eps", "v", "x0", "flow"))
-        _check_choice("diffusion.ptss_mode", self.diffusion.ptss_mode, ("batch", "sample"))
-        _check_choice("train.lr_schedule", self.train.lr_schedule, ("constant", "cosine"))
-        _check_choice("train.precision", self.train.precision, ("auto", "fp32", "bf16"))
-        _check_choice("model.backend", self.model.backend, ("fused", "reference", "auto"))
-        _check_choice("model.gelu", self.model.gelu, ("exact", "tanh"))
-        _check_choice("diffusion.vb_t0", self.diffusion.vb_t0, ("frame", "clip"))
-        _check_choice("sample.spacing", self.sample.spacing, ("floor", "official", "official-ddim"))
+        from fvdm.data import DATASETS
+        from fvdm.diffusion import METHODS, OBJECTIVES, PTSS_MODES, SCHEDULES, SPACINGS, VB_T0_RULES
+        from fvdm.models import GELU_FORMS
+        from fvdm.ops import BACKENDS
+        from fvdm.precision import PRECISIONS
+
+        _check_choice("data.kind", self.data.kind, tuple(DATASETS))
+        _check_choice("diffusion.schedule", self.diffusion.schedule, SCHEDULES)
+        _check_choice("diffusion.objective", self.diffusion.objective, OBJECTIVES)
+        _check_choice("diffusion.ptss_mode", self.diffusion.ptss_mode, PTSS_MODES)
+        _check_choice("train.lr_schedule", self.train.lr_schedule, LR_SCHEDULES)
+        _check_choice("train.precision", self.train.precision, PRECISIONS)
+        _check_choice("model.backend", self.model.backend, BACKENDS)
+        _check_choice("model.gelu", self.model.gelu, GELU_FORMS)
+        _check_choice("diffusion.vb_t0", self.diffusion.vb_t0, VB_T0_RULES)
+        _check_choice("sample.spacing", self.sample.spacing, SPACINGS)
         if self.sample.method is not None:
-            _check_choice("sample.method", self.sample.method, ("ddpm", "ddim", "euler"))
+            _check_choice("sample.method", self.sample.method, METHODS)
         flow = self.diffusion.schedule == "flow"
         if flow != (self.diffusion.objective == "flow"):
             raise UserError("diffusion.objective 'flow' goes with diffusion.schedule 'flow' and only with it "
@@ -351,8 +341,11 @@ def _section(cfg: Config, section: str) -> Any:
 
 def _set(target: Any, key: str, name: str, value: Any) -> None:
     hints = typing.get_type_hints(type(target))
+    if isinstance(target, ModelConfig) and name in data_fields():
+        raise UserError(f"{key} is not set in a config: the model takes it from the data "
+                        "(data.size, data.channels or the VAE's, data.num_frames)")
     if name not in hints:
-        names = [f.name for f in fields(target)]
+        names = [f.name for f in fields(target) if not (isinstance(target, ModelConfig) and f.name in data_fields())]
         raise UserError(f"unknown config key {key!r}{_did_you_mean(name, names)}; "
                         f"{key.split('.')[0]} has: {', '.join(names)}")
     setattr(target, name, _coerce(key, value, hints[name]))
@@ -413,11 +406,6 @@ def _type_name(tp: Any) -> str:
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _check_range(key: str, value: float, lo: float, hi: float) -> None:
-    if not lo <= value <= hi:
-        raise UserError(f"{key} must lie in [{lo}, {hi}], got {value}")
 
 
 def _did_you_mean(name: str, choices: list[str]) -> str:

@@ -485,11 +485,13 @@ def _trained_tables(sd: dict[str, torch.Tensor], arch: Architecture) -> bool:
 
 def _check_fits(cfg: Config, arch: Architecture, size, num_heads, num_classes, where: str, model_input_shape) -> None:
     """The config's model must be the checkpoint's: one line naming every difference."""
-    from fvdm.models import LATTE_SIZES
-
     m = cfg.model
-    depth, width, heads, patch = LATTE_SIZES.get(m.size, (None, None, None, None))
-    have = {"depth": m.depth or depth, "width": m.hidden_size or width, "patch": m.patch_size or patch}
+    try:
+        r = m.resolved()
+        depth, width, heads, patch = r.depth, r.hidden_size, r.num_heads, r.patch_size
+    except ValueError:  # an unknown size: only its explicit overrides can be compared
+        depth, width, heads, patch = m.depth, m.hidden_size, m.num_heads, m.patch_size
+    have = {"depth": depth, "width": width, "patch": patch}
     want = {"depth": arch.depth, "width": arch.hidden_size, "patch": arch.patch_size}
     if arch.mlp_ratio is not None:
         have["mlp_ratio"], want["mlp_ratio"] = m.mlp_ratio, arch.mlp_ratio
@@ -499,7 +501,7 @@ def _check_fits(cfg: Config, arch: Architecture, size, num_heads, num_classes, w
         have["num_classes"] = m.num_classes
         want["num_classes"] = num_classes if num_classes is not None else arch.class_rows - 1
     if num_heads is not None:
-        have["heads"], want["heads"] = m.num_heads or heads, num_heads
+        have["heads"], want["heads"] = heads, num_heads
     frames, channels, input_size = model_input_shape(cfg)
     have["channels"], want["channels"] = channels, arch.in_channels
     if arch.input_size is not None:

@@ -2,7 +2,7 @@
 zero-shot tasks as schedule matrices."""
 
 from fvdm.diffusion.guidance import classifier_free_guidance, skip_guidance
-from fvdm.diffusion.losses import LossOutput, diffusion_loss, noised_input
+from fvdm.diffusion.losses import VB_T0_RULES, LossOutput, diffusion_loss, noised_input
 from fvdm.diffusion.objectives import (
     OBJECTIVES,
     min_snr_weights,
@@ -24,6 +24,8 @@ from fvdm.diffusion.samplers import (
     sample,
 )
 from fvdm.diffusion.schedules import (
+    DDPM_BETA_SCHEDULES,
+    SCHEDULES,
     DDPMSchedule,
     FlowSchedule,
     Schedule,
@@ -51,6 +53,7 @@ from fvdm.diffusion.tasks import (
 __all__ = [
     "classifier_free_guidance",
     "skip_guidance",
+    "VB_T0_RULES",
     "LossOutput",
     "diffusion_loss",
     "noised_input",
@@ -73,6 +76,8 @@ __all__ = [
     "euler_step",
     "fold_weights",
     "sample",
+    "DDPM_BETA_SCHEDULES",
+    "SCHEDULES",
     "DDPMSchedule",
     "FlowSchedule",
     "Schedule",

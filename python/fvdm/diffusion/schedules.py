@@ -21,6 +21,7 @@ import torch
 from fvdm.diffusion._common import check_on_device
 
 DDPM_BETA_SCHEDULES = ("linear", "cosine")
+SCHEDULES = (*DDPM_BETA_SCHEDULES, "flow")  # make_schedule's kinds
 
 
 def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Latte-style video DiT with per-frame timesteps (FVDM's vectorized timestep variable).
 
-Read top to bottom: config -> embedders -> attention -> block -> final layer -> model ->
+Read top to bottom: embedders -> attention -> block -> final layer -> model ->
 sin-cos helpers -> presets.
 
 Activations live in one layout, x (B, F, N, D): batch, frames, tokens per frame, width.
@@ -10,7 +10,7 @@ rearranged between blocks. Every block is conditioned per frame: t (B, F) -> c (
 six (B, F, D) adaLN-zero vectors, applied through the backend's adaln_modulate and
 gated_residual, so a frame's timestep reaches only that frame's modulation.
 
-Blocks follow config.block_pattern, cycled over the depth: the default "ST" alternates
+The configuration is fvdm.models.config.ModelConfig. Blocks follow config.block_pattern, cycled over the depth: the default "ST" alternates
 spatial, temporal, spatial, ... (block i is temporal when i is odd), so a Latte depth of 28 is
 14 spatial + 14 temporal blocks; depth 1 is a per-frame image DiT. "J" is a joint space-time
 block (every token of a clip attends to every other, SDPA over F*N tokens): affordable only
@@ -20,7 +20,6 @@ for small clips, where it lets a token find the same object in another frame whe
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
 
 import torch
@@ -29,80 +28,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from fvdm.models.config import ModelConfig, model_config
 from fvdm.ops import get_backend
-
-
-@dataclass
-class LatteConfig:
-    input_size: int = 32  # frame height = width (latent or pixel), divisible by patch_size
-    patch_size: int = 2
-    in_channels: int = 4
-    num_frames: int = 16  # length of the temporal position table; shorter clips use a prefix
-    hidden_size: int = 1152
-    depth: int = 28  # total blocks, alternating spatial / temporal
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    num_classes: int = 0  # 0: unconditional; else an extra "null" class id num_classes for CFG
-    class_dropout_prob: float = 0.1  # label -> null in training (classifier-free guidance)
-    learn_sigma: bool = True  # output 2 * in_channels: eps and the variance interpolation
-    # The official code adds fixed sin-cos tables (the temporal one once, before the first
-    # temporal block). learned_pos_embed=True makes both tables parameters initialised to the
-    # same sin-cos values, as DESIGN.md asks; False reproduces the official fixed buffers.
-    learned_pos_embed: bool = True
-    # The MLP's GELU: "exact" (erf) or "tanh", the approximation DiT, Latte and the official
-    # FVDM code use. Their weights give their outputs only with "tanh"; the two forms differ
-    # by at most ~5e-4 per activation, and on the CPU the tanh form is the slower (README).
-    gelu: str = "exact"
-    grad_checkpointing: bool = False
-    # Self-conditioning (Chen et al. 2022, "Analog Bits"): the network also sees an earlier
-    # estimate of the clean frames (zeros when there is none), concatenated to x by channel.
-    self_condition: bool = False
-    # conv_head > 0: the final Linear emits conv_head channels per pixel and a 3x3 convolution
-    # over each whole frame maps them to the output (U-ViT's extra conv): output pixels then
-    # see their neighbours across patch borders, which a per-patch Linear cannot. 0: off (DiT).
-    conv_head: int = 0
-    # 3x3 convolutions in the conv head: layers - 1 residual ones at conv_head channels (SiLU,
-    # conv, added back), then the one to the output. More than 1 gives each output pixel a 5x5,
-    # 7x7 ... view at pixel level, where flat interiors and straight edges are local patterns.
-    conv_head_layers: int = 1
-    # Block kinds, cycled over depth: S spatial (within a frame), T temporal (fused op, along
-    # frames at one token), J joint space-time (all F*N tokens of a clip). "ST" is Latte.
-    block_pattern: str = "ST"
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def num_patches(self) -> int:
-        return (self.input_size // self.patch_size) ** 2
-
-    def validate(self) -> None:
-        if self.input_size % self.patch_size:
-            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 (2-D sin-cos embedding)")
-        if self.depth < 1:
-            raise ValueError(f"depth must be >= 1, got {self.depth}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
-        if self.conv_head < 0:
-            raise ValueError(f"conv_head must be >= 0 (0: off), got {self.conv_head}")
-        if self.conv_head_layers < 1:
-            raise ValueError(f"conv_head_layers must be >= 1, got {self.conv_head_layers}")
-        if self.gelu not in GELU_FORMS:
-            raise ValueError(f"gelu must be one of {', '.join(GELU_FORMS)}, got {self.gelu!r}")
-        if not self.block_pattern or set(self.block_pattern) - set(BLOCK_KINDS):
-            raise ValueError(
-                f"block_pattern must be a non-empty string of {'/'.join(BLOCK_KINDS)} "
-                f"(spatial, temporal, joint), got {self.block_pattern!r}"
-            )
-
-    def block_kinds(self) -> list[str]:
-        """The kind of each of the depth blocks: block_pattern repeated."""
-        return [self.block_pattern[i % len(self.block_pattern)] for i in range(self.depth)]
 
 
 # ----------------------------------------------------------------------------- embedders
@@ -232,9 +159,6 @@ class TemporalAttention(_Attention):
 # ----------------------------------------------------------------------------- blocks
 
 
-GELU_FORMS = ("exact", "tanh")
-
-
 class Mlp(nn.Module):
     """fc1 -> GELU -> fc2. gelu "exact" (erf) or "tanh" (DiT / Latte / official FVDM): on the
     CPU the tanh form is ~4x slower (0.83 vs 0.19 ms on the demo's (1024, 768) bf16)."""
@@ -249,12 +173,12 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
-BLOCK_KINDS = {"S": SpatialAttention, "T": TemporalAttention, "J": JointAttention}
+ATTENTION = {"S": SpatialAttention, "T": TemporalAttention, "J": JointAttention}  # by ModelConfig.BLOCK_KINDS letter
 
 
 class LatteBlock(nn.Module):
     """adaLN-zero transformer block, conditioned per frame by c (B, F, D); kind is a
-    BLOCK_KINDS letter: spatial, temporal or joint space-time attention. ops: the operator set
+    BLOCK_KINDS letter (fvdm.models.config): spatial, temporal or joint space-time attention. ops: the operator set
     (fvdm.ops.get_backend) its modulation, residuals and temporal attention run on."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kind: str = "S", gelu: str = "exact",
@@ -262,7 +186,7 @@ class LatteBlock(nn.Module):
         super().__init__()
         self.kind = kind
         self.ops = ops if ops is not None else get_backend("auto")
-        self.attn = TemporalAttention(dim, num_heads, self.ops) if kind == "T" else BLOCK_KINDS[kind](dim, num_heads)
+        self.attn = TemporalAttention(dim, num_heads, self.ops) if kind == "T" else ATTENTION[kind](dim, num_heads)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -316,16 +240,17 @@ class Latte(nn.Module):
     """Video DiT with per-frame timesteps.
 
     forward(x (B, F, C, H, W), t (B, F) or (B,), y (B,) or None) -> (B, F, C_out, H, W).
-    backend: "fused" | "reference" | "auto", resolved once here to the operator set
-    (fvdm.ops.get_backend) that the blocks hold; `model.ops` is what the diffusion loss and
-    samplers are given alongside the model."""
+    config: a resolved ModelConfig (ModelConfig.resolved, model_config). Its backend ("fused" |
+    "reference" | "auto") is resolved once here to the operator set (fvdm.ops.get_backend) that
+    the blocks hold; `model.ops` is what the diffusion loss and samplers are given with the
+    model."""
 
-    def __init__(self, config: LatteConfig, backend: str = "auto"):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         config.validate()
         self.config = config
         D = config.hidden_size
-        self.ops = get_backend(backend)
+        self.ops = get_backend(config.backend)
 
         embed_channels = config.in_channels * (2 if config.self_condition else 1)
         self.x_embedder = PatchEmbed(config.patch_size, embed_channels, D)
@@ -468,30 +393,8 @@ def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- presets
 
-# name -> (depth, hidden_size, num_heads); patch size after the slash, as in DiT / Latte.
-LATTE_SIZES: dict[str, tuple[int, int, int, int]] = {
-    "XL/2": (28, 1152, 16, 2),
-    "L/2": (24, 1024, 16, 2),
-    "B/2": (12, 768, 12, 2),
-    "S/2": (12, 384, 6, 2),
-    "mini/2": (6, 128, 4, 2),  # CPU demo size
-    "T/2": (4, 64, 4, 2),  # tests
-}
 
-
-def latte_config(name: str, **overrides) -> LatteConfig:
-    """A LatteConfig for a named size ("S/2", "B/2", "L/2", "XL/2", "mini/2", "T/2"), with
-    any field overridden, e.g. latte_config("S/2", input_size=32, in_channels=4)."""
-    if name not in LATTE_SIZES:
-        raise ValueError(f"unknown model size {name!r}; choose one of {sorted(LATTE_SIZES)}")
-    depth, width, heads, patch = LATTE_SIZES[name]
-    base = LatteConfig(depth=depth, hidden_size=width, num_heads=heads, patch_size=patch)
-    unknown = set(overrides) - set(asdict(base))
-    if unknown:
-        raise ValueError(f"unknown LatteConfig field(s) {sorted(unknown)}")
-    return replace(base, **overrides)
-
-
-def latte(name: str, backend: str = "auto", **overrides) -> Latte:
-    """Build a named Latte size: latte("T/2", input_size=8, in_channels=3, num_frames=4)."""
-    return Latte(latte_config(name, **overrides), backend=backend)
+def latte(name: str, **fields) -> Latte:
+    """Build a named Latte size with any ModelConfig field given:
+    latte("T/2", input_size=8, in_channels=3, num_frames=4, backend="reference")."""
+    return Latte(model_config(name, **fields))
