@@ -82,3 +82,12 @@ def test_the_model_section_is_the_models_own_config_less_the_data_geometry():
     assert (got.depth, got.hidden_size, got.num_heads, got.patch_size) == (2, 32, 2, 4)  # patch from demo_cpu
     assert (got.input_size, got.in_channels, got.num_frames) == (16, 3, 8)  # from the data section
     assert ModelConfig().learn_sigma is False and got.learn_sigma is False  # one default, the run config's
+
+
+def test_data_num_workers_is_retired_old_configs_still_load():
+    # configs saved by earlier versions carry data.num_workers: 0; nothing ever read it
+    cfg = load_config("demo_cpu", ["data.num_workers=0"])
+    assert "num_workers" not in cfg.to_dict()["data"]
+    with pytest.raises(UserError, match=r"data.num_workers is no longer a setting \(clips are made in the training "
+                                        r"process.*remove it from the config"):
+        load_config("demo_cpu", ["data.num_workers=4"])

@@ -57,7 +57,7 @@ def sprite_alpha(video: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
 
 def centroid(alpha: torch.Tensor) -> torch.Tensor:
     """(F, H, W) coverage -> (F, 2) centre of mass (x, y) in pixels (pixel centres at k + 0.5)."""
-    F_, H, W = alpha.shape
+    Fr, H, W = alpha.shape
     a = alpha.double()
     mass = a.sum(dim=(1, 2))
     xs = (torch.arange(W, dtype=torch.float64) + 0.5)

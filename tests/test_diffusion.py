@@ -19,10 +19,7 @@ from fvdm.diffusion import (
     ddpm_ladder,
     ddpm_schedule,
     diffusion_loss,
-    extension,
     flow_ladder,
-    image_to_video,
-    interpolation,
     keyframes,
     task_matrix,
     linear_betas,
@@ -410,7 +407,7 @@ def test_held_frames_are_bit_identical(backend, method):
     x0_held = torch.randn(SHAPE, generator=gen(0))
     learn_sigma = method == "ddpm"
     objective = "flow" if method == "euler" else "eps"
-    for S, held in [image_to_video(ladder, 5), keyframes(ladder, 5, [1, 3]), extension(ladder, 5, 2)]:
+    for S, held in [keyframes(ladder, 5, [0]), keyframes(ladder, 5, [1, 3]), keyframes(ladder, 5, [0, 1])]:
         model = FakeDenoiser(out_channels=4 if learn_sigma else 2, dtype=torch.float32)
         out = sample(model, sch, S, shape=SHAPE, method=method, eta=1.0, learn_sigma=learn_sigma, objective=objective,
                      held=held, x0_held=x0_held, generator=gen(1), ops=get_backend(backend))
@@ -591,11 +588,11 @@ def test_sampling_reproducible_from_seed_with_a_real_model(backend):
     from fvdm.models import latte
 
     torch.manual_seed(0)
-    model = latte("T/2", backend="reference", input_size=4, in_channels=2, num_frames=5, depth=2).eval()
+    model = latte("T/2", backend="reference", input_size=4, in_channels=2, num_frames=5, depth=2, learn_sigma=True).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    S, held = image_to_video(ddpm_ladder(4), 5)
+    S, held = keyframes(ddpm_ladder(4), 5, [0])
     x0 = torch.randn(SHAPE, generator=gen(9))
 
     def run(seed):
@@ -656,11 +653,11 @@ def test_task_matrices_shapes_and_monotonicity(ladder):
     clean = ladder[-1]
     for (S, held), want_held in [
         (unconditional(ladder, 6), []),
-        (image_to_video(ladder, 6), [0]),
-        (interpolation(ladder, 6), [0, 5]),
-        (interpolation(ladder, 7, every=3), [0, 3, 6]),
+        (keyframes(ladder, 6, [0]), [0]),
+        (keyframes(ladder, 6, [0, 5]), [0, 5]),
+        (keyframes(ladder, 7, [0, 3, 6]), [0, 3, 6]),
         (keyframes(ladder, 6, [4, 1]), [1, 4]),
-        (extension(ladder, 6, 3), [0, 1, 2]),
+        (keyframes(ladder, 6, [0, 1, 2]), [0, 1, 2]),
     ]:
         Fr = S.shape[1]
         assert S.shape == (11, Fr) and held.shape == (Fr,) and held.dtype == torch.bool and Fr in (6, 7)
@@ -676,8 +673,8 @@ def test_task_matrices_shapes_and_monotonicity(ladder):
     assert torch.equal(S[3:, 1], S[:-3, 0])  # frame 1 lags frame 0 by exactly 3 steps
     with pytest.raises(ValueError, match="indices"):
         keyframes(ladder, 6, [6])
-    with pytest.raises(ValueError, match="num_given"):
-        extension(ladder, 6, 6)
+    with pytest.raises(ValueError, match="every frame is held"):
+        keyframes(ladder, 6, range(6))
 
 
 def test_sampler_rejects_bad_matrices():
@@ -693,7 +690,7 @@ def test_sampler_rejects_bad_matrices():
     with pytest.raises(ValueError, match="objective 'eps'"):  # eps at flow time 1 has no x0
         sample(FakeDenoiser(), FlowSchedule(), flow_ladder(3)[:, None].expand(-1, 5), shape=SHAPE, objective="eps")
     with pytest.raises(ValueError, match="x0_held"):
-        S, held = image_to_video(ddpm_ladder(3), 5)
+        S, held = keyframes(ddpm_ladder(3), 5, [0])
         sample(FakeDenoiser(), sch, S, shape=SHAPE, held=held)
 
 

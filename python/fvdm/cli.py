@@ -432,8 +432,8 @@ def sample(
     if model.config.num_classes == 0 and (guidance is not None or label is not None):
         fail(f"{'--guidance' if guidance is not None else '--label'} is for class-conditional models; "
              f"this run's model has no classes (model.num_classes: 0)")
-    Fw = model.config.num_frames
-    _check_sample_fits_run(cfg, Fw, method, steps, idx)
+    Fr = model.config.num_frames
+    _check_sample_fits_run(cfg, Fr, method, steps, idx)
     tasks = list(TASKS) if task == "all" else [task]
     folders = _sample_folders(Path(run), tasks, out, single=task != "all")
     console.print(f"sampling {', '.join(tasks)} with {loaded.checkpoint} (step {loaded.step}, "
@@ -444,11 +444,11 @@ def sample(
         if name == "i2v":
             cond = image_condition(image, cfg) if image else data_condition(cfg, 1, n_videos)
         elif name == "interpolate":
-            cond = video_condition(video, cfg, Fw) if video else data_condition(cfg, Fw, n_videos)
-            if idx is not None and cond.shape[1] < Fw and max(idx) >= cond.shape[1]:
+            cond = video_condition(video, cfg, Fr) if video else data_condition(cfg, Fr, n_videos)
+            if idx is not None and cond.shape[1] < Fr and max(idx) >= cond.shape[1]:
                 fail(f"--keyframes {max(idx)} is beyond the {cond.shape[1]} frames of {video}")
         elif name == "extend":
-            cond = video_condition(video, cfg) if video else data_condition(cfg, Fw // 2, n_videos)
+            cond = video_condition(video, cfg) if video else data_condition(cfg, Fr // 2, n_videos)
         with progress_bar(f"sample {name}", console=console, disable=not show_progress) as bar:
             bar_task = bar.add_task(name, total=None)
             result = generate(

@@ -43,7 +43,6 @@ class DataConfig:
     sprites: dict[str, Any] = field(default_factory=dict)  # extra MovingSprites options (kind=sprites only)
     vae: str | None = None  # local diffusers AutoencoderKL folder: train on its latents
     latent_cache: str | None = None  # folder for cached latents (default: <run>/latents)
-    num_workers: int = 0
 
 
 @dataclass
@@ -191,7 +190,7 @@ RANGES: dict[str, tuple] = {
     "model.num_classes": (0, 10**6), "model.class_dropout_prob": (0.0, 1.0),
     "model.conv_head": (0, 65536), "model.conv_head_layers": (1, 64),
     "data.num_frames": (1, 4096), "data.frame_stride": (1, 10**4), "data.size": (1, 8192),
-    "data.channels": (1, 3), "data.num_videos": (1, _BIG), "data.seed": _SEED, "data.num_workers": (0, 1024),
+    "data.channels": (1, 3), "data.num_videos": (1, _BIG), "data.seed": _SEED,
     "diffusion.num_timesteps": (2, 10**6), "diffusion.ptss_p": (0.0, 1.0),
     "diffusion.noise_bias": (0.0, None, True), "diffusion.min_snr_gamma": (0.0, None, True),
     "diffusion.clean_prefix_p": (0.0, 1.0, False, True),
@@ -339,7 +338,20 @@ def _section(cfg: Config, section: str) -> Any:
     return getattr(cfg, section)
 
 
+# Keys that configs written by earlier versions hold: the value every one of them has is
+# accepted and ignored (so their runs still resume), any other is refused with the reason.
+RETIRED = {
+    "data.num_workers": (0, "clips are made in the training process, as a pure function of (data.seed, step); "
+                            "there are no loader workers"),
+}
+
+
 def _set(target: Any, key: str, name: str, value: Any) -> None:
+    if key in RETIRED:
+        accepted, reason = RETIRED[key]
+        if value == accepted:
+            return
+        raise UserError(f"{key} is no longer a setting ({reason}); remove it from the config")
     hints = typing.get_type_hints(type(target))
     if isinstance(target, ModelConfig) and name in data_fields():
         raise UserError(f"{key} is not set in a config: the model takes it from the data "

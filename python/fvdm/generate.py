@@ -107,9 +107,9 @@ def generate(
     device = torch.device(device)
     schedule = build_schedule(cfg).to(device)
     model = model.eval()
-    Fw = model.config.num_frames
+    Fr = model.config.num_frames
     C, H = model.config.in_channels, model.config.input_size
-    shape = (num_videos, Fw, C, H, H)
+    shape = (num_videos, Fr, C, H, H)
     stg_scale = sc.stg_scale if stg_scale is None else stg_scale
     if not (math.isfinite(stg_scale) and stg_scale >= 0):
         raise UserError(f"the skip-guidance scale (sample.stg_scale) must be a finite number >= 0, got {stg_scale}")
@@ -139,46 +139,46 @@ def generate(
     if task in ("long", "extend"):
         cond = given() if task == "extend" else None
         k = 0 if cond is None else cond.shape[1]
-        total = total_frames or (4 * Fw if task == "long" else k + Fw // 2)
+        total = total_frames or (4 * Fr if task == "long" else k + Fr // 2)
         if total <= k:
             raise UserError(f"--frames {total} must exceed the {k} given frames")
-        ov = overlap or Fw // 2
-        if not 0 < ov < Fw:
-            raise UserError(f"overlap must lie in [1, {Fw - 1}], got {ov}")
-        ctx = None if cond is None else cond[:, -min(k, Fw - 1):]  # what the first window holds
+        ov = overlap or Fr // 2
+        if not 0 < ov < Fr:
+            raise UserError(f"overlap must lie in [1, {Fr - 1}], got {ov}")
+        ctx = None if cond is None else cond[:, -min(k, Fr - 1):]  # what the first window holds
         n_ctx = 0 if ctx is None else ctx.shape[1]
-        new_frames, windows, have = total - k, 1, Fw - n_ctx
+        new_frames, windows, have = total - k, 1, Fr - n_ctx
         while have < new_frames:
-            have, windows = have + Fw - ov, windows + 1
+            have, windows = have + Fr - ov, windows + 1
         gen = window_sampler(model_fn, schedule, ladder, shape, callback=_Progress(callback, windows * steps), **kwargs)
-        z = long_video(gen, total - (k - n_ctx), Fw, ov, context=ctx)
+        z = long_video(gen, total - (k - n_ctx), Fr, ov, context=ctx)
         if k > n_ctx:  # given frames older than the first window's context
             z = torch.cat([cond[:, : k - n_ctx], z], dim=1)
         held = torch.arange(total) < k
-        S, S_held = task_matrix(ladder, Fw, range(n_ctx), conditioning)
+        S, S_held = task_matrix(ladder, Fr, range(n_ctx), conditioning)
         return Generated(codec.decode(z).float().cpu(), held, S, S_held, task)
 
     x0_held = None
     if task == "unconditional":
-        S, held = unconditional(ladder, Fw)
+        S, held = unconditional(ladder, Fr)
     elif task == "rolling":
-        S, held = rolling_diagonal(ladder, Fw, lag)
+        S, held = rolling_diagonal(ladder, Fr, lag)
     elif task == "i2v":
-        S, held = task_matrix(ladder, Fw, [0], conditioning)
+        S, held = task_matrix(ladder, Fr, [0], conditioning)
         x0_held = torch.zeros(shape, device=device)
         x0_held[:, :1] = given()[:, :1]
     else:  # interpolate
-        idx = sorted(set(keyframe_indices if keyframe_indices is not None else [0, Fw - 1]))
-        bad = [i for i in idx if not 0 <= i < Fw]
+        idx = sorted(set(keyframe_indices if keyframe_indices is not None else [0, Fr - 1]))
+        bad = [i for i in idx if not 0 <= i < Fr]
         if bad:
-            raise UserError(f"keyframe indices {bad} are outside the model's {Fw} frames [0, {Fw - 1}]")
+            raise UserError(f"keyframe indices {bad} are outside the model's {Fr} frames [0, {Fr - 1}]")
         cond = given()
-        if cond.shape[1] not in (Fw, len(idx)):
-            raise UserError(f"interpolate needs a clip of {Fw} frames or one frame per keyframe ({len(idx)}); "
+        if cond.shape[1] not in (Fr, len(idx)):
+            raise UserError(f"interpolate needs a clip of {Fr} frames or one frame per keyframe ({len(idx)}); "
                             f"got {cond.shape[1]} frames")
-        S, held = task_matrix(ladder, Fw, idx, conditioning)
+        S, held = task_matrix(ladder, Fr, idx, conditioning)
         x0_held = torch.zeros(shape, device=device)
-        x0_held[:, idx] = cond[:, idx] if cond.shape[1] == Fw else cond
+        x0_held[:, idx] = cond[:, idx] if cond.shape[1] == Fr else cond
     progress = _Progress(callback, S.shape[0] - 1)
     z = sample(model_fn, schedule, S, shape=shape, held=held, x0_held=x0_held, callback=progress, **kwargs)
     return Generated(codec.decode(z).float().cpu(), held, S, held, task)

@@ -109,7 +109,7 @@ def _frames_to_model(frames: torch.Tensor, cfg: Config, name: str) -> torch.Tens
     Frames k times the data size on both sides (k an integer: as fvdm writes its own videos,
     upscaled nearest-neighbour) are scaled back down by averaging k x k blocks, so a sampled
     video or GIF can be given back as conditioning."""
-    F_, H, W, _ = frames.shape
+    Fr, H, W, _ = frames.shape
     size = cfg.data.size
     k = H // size
     if (H, W) != (k * size, k * size) or k < 1:

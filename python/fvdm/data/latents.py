@@ -69,13 +69,13 @@ def encode_video(vae, video: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
     if video.ndim != 5 or video.shape[2] != 3:
         raise UserError(f"encode_video needs RGB video (B, F, 3, H, W), got shape {tuple(video.shape)}; "
                         "VAE latents need data.channels=3")
-    B, F_ = video.shape[:2]
+    B, Fr = video.shape[:2]
     device, dtype = _vae_place(vae)
     scale, shift = _scale_shift(vae)
-    frames = video.reshape(B * F_, *video.shape[2:])
+    frames = video.reshape(B * Fr, *video.shape[2:])
     z = torch.cat([vae.encode(c.to(device, dtype)).latent_dist.mean for c in frames.split(chunk_size)])
     z = (z.float() - shift) * scale
-    return z.reshape(B, F_, *z.shape[1:]).to(video.device, video.dtype)
+    return z.reshape(B, Fr, *z.shape[1:]).to(video.device, video.dtype)
 
 
 @torch.no_grad()
@@ -84,12 +84,12 @@ def decode_video(vae, latents: torch.Tensor, chunk_size: int = 8) -> torch.Tenso
     VAE's output clamped), chunk_size frames per VAE call. On latents' device and dtype."""
     if latents.ndim != 5:
         raise UserError(f"decode_video needs latents (B, F, c, h, w), got shape {tuple(latents.shape)}")
-    B, F_ = latents.shape[:2]
+    B, Fr = latents.shape[:2]
     device, dtype = _vae_place(vae)
     scale, shift = _scale_shift(vae)
-    z = latents.reshape(B * F_, *latents.shape[2:]).float() / scale + shift
+    z = latents.reshape(B * Fr, *latents.shape[2:]).float() / scale + shift
     x = torch.cat([vae.decode(c.to(device, dtype)).sample for c in z.split(chunk_size)]).float().clamp_(-1.0, 1.0)
-    return x.reshape(B, F_, *x.shape[1:]).to(latents.device, latents.dtype)
+    return x.reshape(B, Fr, *x.shape[1:]).to(latents.device, latents.dtype)
 
 
 def vae_fingerprint(vae) -> dict:

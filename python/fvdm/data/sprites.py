@@ -118,10 +118,10 @@ def render(trajectory: Trajectory) -> torch.Tensor:
     edges smoothly), sprites are composited over each other in order. Greyscale (C=1) is the
     mean of the RGB channels, as the library converts RGB inputs for single-channel models."""
     t = trajectory
-    F_, n = t.num_frames, t.frame_size
+    Fr, n = t.num_frames, t.frame_size
     pos = t.positions.numpy()
-    image = np.zeros((F_, n, n, 3), dtype=np.float32)  # (F, H, W, 3) in [0, 1] while compositing
-    frame = np.arange(F_)[:, None, None]
+    image = np.zeros((Fr, n, n, 3), dtype=np.float32)  # (F, H, W, 3) in [0, 1] while compositing
+    frame = np.arange(Fr)[:, None, None]
     for s, shape in enumerate(t.shapes):  # few sprites; each is vectorised over frames
         half = float(t.sizes[s]) / 2.0
         # Only a window around the sprite can be covered: cost follows sprite area, not frame area.

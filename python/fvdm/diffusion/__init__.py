@@ -37,10 +37,7 @@ from fvdm.diffusion.schedules import (
 from fvdm.diffusion.spacing import SPACINGS, space_timesteps, spaced_ladder
 from fvdm.diffusion.tasks import (
     ddpm_ladder,
-    extension,
     flow_ladder,
-    image_to_video,
-    interpolation,
     keyframes,
     task_matrix,
     ladder_for,
@@ -89,10 +86,7 @@ __all__ = [
     "space_timesteps",
     "spaced_ladder",
     "ddpm_ladder",
-    "extension",
     "flow_ladder",
-    "image_to_video",
-    "interpolation",
     "keyframes",
     "task_matrix",
     "ladder_for",

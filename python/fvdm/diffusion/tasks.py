@@ -84,28 +84,6 @@ def task_matrix(ladder: torch.Tensor, num_frames: int, indices: Sequence[int], c
     return S, held
 
 
-def image_to_video(ladder: torch.Tensor, num_frames: int) -> Task:
-    """The first frame is held clean (the given image), the others are generated."""
-    return keyframes(ladder, num_frames, [0])
-
-
-def interpolation(ladder: torch.Tensor, num_frames: int, every: int | None = None) -> Task:
-    """Hold the first and last frames (every=None), or every `every`-th frame and the last,
-    and generate the frames in between."""
-    if every is None:
-        return keyframes(ladder, num_frames, [0, num_frames - 1])
-    if every < 1:
-        raise ValueError(f"every must be >= 1, got {every}")
-    return keyframes(ladder, num_frames, list(range(0, num_frames, every)) + [num_frames - 1])
-
-
-def extension(ladder: torch.Tensor, num_frames: int, num_given: int) -> Task:
-    """The first num_given frames are a given clip, held; the rest continue it."""
-    if not 1 <= num_given < num_frames:
-        raise ValueError(f"num_given must lie in [1, {num_frames - 1}], got {num_given}")
-    return keyframes(ladder, num_frames, range(num_given))
-
-
 def rolling_diagonal(ladder: torch.Tensor, num_frames: int, lag: int = 1) -> Task:
     """Later frames noisier: frame f starts down the ladder f * lag steps after frame 0, so
     S[i, f] = ladder[clamp(i - f * lag, 0, steps)], with steps + (F - 1) * lag + 1 rows. Every

@@ -243,10 +243,10 @@ def evaluate_synthetic(
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         raise UserError(f"unknown task(s) {bad}; choose from {', '.join(TASKS)}")
-    Fw = cfg.data.num_frames
-    if Fw < 3:
-        raise UserError(f"eval synthetic needs clips of at least 3 frames, the run has {Fw}")
-    ds = held_out_dataset(cfg, Fw)
+    Fr = cfg.data.num_frames
+    if Fr < 3:
+        raise UserError(f"eval synthetic needs clips of at least 3 frames, the run has {Fr}")
+    ds = held_out_dataset(cfg, Fr)
     if not isinstance(ds, MovingSprites):
         raise UserError("eval synthetic needs the plain sprites dataset (no class labels)")
     if not 1 <= num_videos <= len(ds):
@@ -254,11 +254,11 @@ def evaluate_synthetic(
                         f"got {num_videos}")
     expected, th = expected_sprites(ds), thresholds_for(ds)
     device = next(run.model.parameters()).device
-    k_extend = Fw // 2
-    long_frames = 4 * Fw
+    k_extend = Fr // 2
+    long_frames = 4 * Fr
     truth = {n: torch.stack([ds.clip(i, n) for i in range(num_videos)])
-             for n in {Fw, k_extend + Fw, long_frames}}
-    other_real = torch.stack([ds.clip(i, Fw) for i in range(num_videos, 2 * num_videos)])
+             for n in {Fr, k_extend + Fr, long_frames}}
+    other_real = torch.stack([ds.clip(i, Fr) for i in range(num_videos, 2 * num_videos)])
 
     def run_task(task: str, condition=None, **kw) -> torch.Tensor:
         out = []
@@ -276,7 +276,7 @@ def evaluate_synthetic(
         return torch.cat(out)
 
     results = {} if results is None else results
-    real = truth[Fw]
+    real = truth[Fr]
     if "unconditional" in tasks:
         fake = run_task("unconditional")
         scores = {
@@ -291,16 +291,16 @@ def evaluate_synthetic(
         fake = run_task("i2v", condition=real[:, :1])
         results["i2v"] = {"model": _i2v_metrics(fake, real, expected, th), "data": _i2v_metrics(real, real, expected, th)}
     if "interpolate" in tasks:
-        fake = run_task("interpolate", condition=real, keyframe_indices=[0, Fw - 1])
+        fake = run_task("interpolate", condition=real, keyframe_indices=[0, Fr - 1])
         results["interpolate"] = {"model": _interpolation_metrics(fake, real)}
     if "extend" in tasks:
-        full = truth[k_extend + Fw]
-        fake = run_task("extend", condition=full[:, :k_extend], total_frames=k_extend + Fw)
+        full = truth[k_extend + Fr]
+        fake = run_task("extend", condition=full[:, :k_extend], total_frames=k_extend + Fr)
         results["extend"] = {"model": _extension_metrics(fake, full, k_extend)}
     if "long" in tasks:
         fake = run_task("long", total_frames=long_frames)
-        results["long"] = {"model": _long_metrics(fake, Fw, expected, th),
-                           "data": _long_metrics(truth[long_frames], Fw, expected, th)}
+        results["long"] = {"model": _long_metrics(fake, Fr, expected, th),
+                           "data": _long_metrics(truth[long_frames], Fr, expected, th)}
     if "identity" in tasks:
         results["identity"] = {"model": identity_transfer(run, real, seed=seed, batch_size=batch_size)}
         if callback is not None:

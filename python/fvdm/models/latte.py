@@ -107,9 +107,8 @@ class _Attention(nn.Module):
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """scaled_dot_product_attention, with its math backend for bf16/fp16 on the CPU when a
-    backward will follow: there the flash kernel's backward is 5-10x slower than the math one
-    at these sizes (16-128 tokens, Dh 32: 13.9 vs 2.5 ms per spatial layer of the demo, 2-core
-    EPYC, torch 2.13), while its forward is the faster, so sampling keeps it."""
+    backward will follow: at these sizes (16-128 tokens, Dh 32) the flash kernel's backward is
+    5-10x slower than the math one there, while its forward is the faster, so sampling keeps it."""
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.requires_grad:
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v)
@@ -161,7 +160,7 @@ class TemporalAttention(_Attention):
 
 class Mlp(nn.Module):
     """fc1 -> GELU -> fc2. gelu "exact" (erf) or "tanh" (DiT / Latte / official FVDM): on the
-    CPU the tanh form is ~4x slower (0.83 vs 0.19 ms on the demo's (1024, 768) bf16)."""
+    CPU the tanh form is ~4x slower."""
 
     def __init__(self, dim: int, hidden: int, gelu: str = "exact"):
         super().__init__()

@@ -1,1 +1,2 @@
-"""Training: checkpoint storage (`fvdm.train.checkpoint`) and RNG capture (`fvdm.train.rng`)."""
+"""Training: the loop (`fvdm.train.trainer`), checkpoint storage (`fvdm.train.checkpoint`), EMA,
+the run lock and torchrun helpers."""

@@ -111,7 +111,7 @@ def save_checkpoint(run_dir: PathLike, step: int, model_state: Mapping[str, torc
 
     `model_state` / `ema_state` are state dicts of tensors (tied or non-contiguous tensors are
     fine); `ema_state=None` writes no EMA file. `train_state` is a dict of optimizer and scheduler
-    state dicts, RNG state (`fvdm.train.rng.capture_rng`), data position... holding only what
+    state dicts, the step... holding only what
     `torch.load(weights_only=True)` accepts: tensors, Python scalars, strings, lists, tuples, dicts.
     `config` must be JSON-serialisable (paths are written as strings).
 
@@ -232,8 +232,7 @@ def _check_weights_only_loadable(path: Path) -> None:
     unsafe = finder(str(path))
     if unsafe:
         raise TypeError(f"train_state holds objects torch.load(weights_only=True) refuses ({', '.join(unsafe)}); "
-                        "store tensors, Python scalars, strings, lists and dicts instead "
-                        "(fvdm.train.rng.capture_rng gives RNG state in that form)")
+                        "store tensors, Python scalars, strings, lists and dicts instead")
 
 
 def _write_meta(path: Path, step: int, config: Any, files: dict[str, dict[str, Any]]) -> None:
