@@ -13,8 +13,7 @@ namespace {
 // x (B,F,N,D) and one per-frame table (B,F,D) of the same dtype and device.
 void check_frame_table(const at::Tensor& x, const at::Tensor& table, const char* x_name, const char* name) {
   check_float(table, name);
-  check_same_dtype(table, x, name, x_name);
-  check_same_device(table, x, name, x_name);
+  check_like(table, x, name, x_name, /*same_shape=*/false);
   check_shape(table, {x.size(0), x.size(1), x.size(3)}, name, "(B, F, D)");
 }
 
@@ -53,9 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_backward(const at:
                                                                        const at::Tensor& rstd) {
   check_activation(x, "x");
   check_frame_table(x, scale, "x", "scale");
-  check_same_dtype(grad_y, x, "grad_y", "x");
-  check_same_device(grad_y, x, "grad_y", "x");
-  check_shape(grad_y, {x.size(0), x.size(1), x.size(2), x.size(3)}, "grad_y", "(B, F, N, D)");
+  check_like(grad_y, x, "grad_y", "x");
   for (auto [t, name] : {std::pair{&mean, "mean"}, std::pair{&rstd, "rstd"}}) {
     check_same_device(*t, x, name, "x");
     check_shape(*t, {x.size(0), x.size(1), x.size(2)}, name, "(B, F, N)");
@@ -82,10 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_backward(const at:
 
 at::Tensor gated_residual(const at::Tensor& x, const at::Tensor& h, const at::Tensor& gate) {
   check_activation(x, "x");
-  check_float(h, "h");
-  check_same_dtype(h, x, "h", "x");
-  check_same_device(h, x, "h", "x");
-  check_shape(h, {x.size(0), x.size(1), x.size(2), x.size(3)}, "h", "(B, F, N, D) like x");
+  check_like(h, x, "h", "x");
   check_frame_table(x, gate, "x", "gate");
   auto xc = x.contiguous();
   auto hc = h.contiguous();
@@ -101,9 +95,7 @@ at::Tensor gated_residual(const at::Tensor& x, const at::Tensor& h, const at::Te
 std::tuple<at::Tensor, at::Tensor> gated_residual_backward(const at::Tensor& grad_out, const at::Tensor& h,
                                                            const at::Tensor& gate) {
   check_activation(h, "h");
-  check_same_dtype(grad_out, h, "grad_out", "h");
-  check_same_device(grad_out, h, "grad_out", "h");
-  check_shape(grad_out, {h.size(0), h.size(1), h.size(2), h.size(3)}, "grad_out", "(B, F, N, D) like h");
+  check_like(grad_out, h, "grad_out", "h");
   check_frame_table(h, gate, "h", "gate");
   auto goc = grad_out.contiguous();
   auto hc = h.contiguous();

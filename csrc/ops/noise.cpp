@@ -27,10 +27,7 @@ std::pair<std::vector<at::Tensor>, at::Tensor> prepare_combine(at::TensorList in
   std::vector<at::Tensor> contig;
   for (int64_t k = 0; k < K; ++k) {
     const std::string name = "inputs[" + std::to_string(k) + "]";
-    check_same_dtype(inputs[k], x, name.c_str(), "inputs[0]");
-    check_same_device(inputs[k], x, name.c_str(), "inputs[0]");
-    TORCH_CHECK_VALUE(inputs[k].sizes() == x.sizes(), "fvdm: ", name, " has shape ", shape_str(inputs[k].sizes()),
-                      " but inputs[0] has shape ", shape_str(x.sizes()), "; all inputs must match");
+    check_like(inputs[k], x, name.c_str(), "inputs[0]");
     contig.push_back(inputs[k].contiguous());
   }
   check_float(coeffs, "coeffs");
@@ -68,10 +65,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> frame_combine_backward(const at:
                                                                       const at::Tensor& coeffs) {
   auto [contig, c] = prepare_combine(inputs, coeffs);
   const at::Tensor& x = contig[0];
-  check_same_dtype(grad_out, x, "grad_out", "inputs[0]");
-  check_same_device(grad_out, x, "grad_out", "inputs[0]");
-  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "fvdm: grad_out has shape ", shape_str(grad_out.sizes()),
-                    " but inputs[0] has shape ", shape_str(x.sizes()));
+  check_like(grad_out, x, "grad_out", "inputs[0]");
   auto g = grad_out.contiguous();
   std::vector<at::Tensor> dinputs;
   for (size_t k = 0; k < contig.size(); ++k) dinputs.push_back(at::empty_like(x));
@@ -137,10 +131,7 @@ at::Tensor noise_inject(const at::Tensor& x0, const at::Tensor& noise, const at:
   check_supported_device(x0, "x0");
   check_float(x0, "x0");
   TORCH_CHECK_VALUE(x0.dim() >= 2, "fvdm: x0 must have shape (B, F, ...), got ", shape_str(x0.sizes()));
-  check_same_dtype(noise, x0, "noise", "x0");
-  check_same_device(noise, x0, "noise", "x0");
-  TORCH_CHECK_VALUE(noise.sizes() == x0.sizes(), "fvdm: noise has shape ", shape_str(noise.sizes()),
-                    " but x0 has shape ", shape_str(x0.sizes()), "; they must match");
+  check_like(noise, x0, "noise", "x0");
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt,
                    "fvdm: t must hold integer timesteps (int64 or int32), got ", t.scalar_type());
   check_same_device(t, x0, "t", "x0");

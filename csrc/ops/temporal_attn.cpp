@@ -20,13 +20,8 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_supported_device(q, "q");
   check_float(q, "q");
   check_dim(q, 5, "q", "(B, F, N, H, Dh)");
-  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
-    check_same_dtype(*t, q, name, "q");
-    check_same_device(*t, q, name, "q");
-    check_dim(*t, 5, name, "(B, F, N, H, Dh)");
-    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), "fvdm: ", name, " has shape ", shape_str(t->sizes()),
-                      " but q has shape ", shape_str(q.sizes()), "; they must match");
-  }
+  check_like(k, q, "k", "q");
+  check_like(v, q, "v", "q");
   for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) check_last_dim_contiguous(*t, name);
   TORCH_CHECK_VALUE(q.size(1) <= kMaxFrames, "fvdm: temporal_attention supports up to ", kMaxFrames,
                     " frames, got F = ", q.size(1));
@@ -100,12 +95,8 @@ BwdLaunch bwd_launch(const at::Tensor& grad_out, const at::Tensor& q, const at::
   check_scale(scale);
   BwdLaunch l;
   l.mask = check_mask(key_mask, q);
-  for (auto [t, name] : {std::pair{&grad_out, "grad_out"}, std::pair{&out, "out"}}) {
-    check_same_dtype(*t, q, name, "q");
-    check_same_device(*t, q, name, "q");
-    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), "fvdm: ", name, " has shape ", shape_str(t->sizes()),
-                      " but q has shape ", shape_str(q.sizes()));
-  }
+  check_like(grad_out, q, "grad_out", "q");
+  check_like(out, q, "out", "q");
   check_same_device(lse, q, "lse", "q");
   check_shape(lse, {q.size(0), q.size(2), q.size(3), q.size(1)}, "lse", "(B, N, H, F)");
   TORCH_CHECK_TYPE(lse.scalar_type() == at::toOpMathType(q.scalar_type()), "fvdm: lse must be ",

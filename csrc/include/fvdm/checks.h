@@ -50,6 +50,15 @@ inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const 
                     ref.device(), "; they must be on the same device");
 }
 
+// t is on ref's device with ref's dtype and, unless same_shape is false, ref's shape.
+inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name,
+                       bool same_shape = true) {
+  check_same_dtype(t, ref, name, ref_name);
+  check_same_device(t, ref, name, ref_name);
+  TORCH_CHECK_VALUE(!same_shape || t.sizes() == ref.sizes(), "fvdm: ", name, " has shape ", shape_str(t.sizes()),
+                    " but ", ref_name, " has shape ", shape_str(ref.sizes()), "; they must match");
+}
+
 inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, "fvdm: ", name,
                     " must be contiguous in its last dim (stride(-1) == 1), got strides ", shape_str(t.strides()));

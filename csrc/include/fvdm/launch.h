@@ -1,5 +1,6 @@
 // Host-side launch: picks the CPU or CUDA launcher for a params struct by the device of
-// `tensor`. On CUDA it sets the device guard, launches on the current stream and checks it.
+// `tensor`. On CUDA it sets the device guard and launches on the current stream (every kernel
+// launch is checked where it happens, in launch_kernel).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -13,7 +14,6 @@
     if ((TENSOR).is_cuda()) {                                                          \
       const c10::cuda::CUDAGuard fvdm_guard((TENSOR).device());                        \
       ::fvdm::cuda::NAME((PARAMS), at::cuda::getCurrentCUDAStream().stream());         \
-      C10_CUDA_KERNEL_LAUNCH_CHECK();                                                  \
     } else {                                                                           \
       ::fvdm::cpu::NAME(PARAMS);                                                       \
     }                                                                                  \

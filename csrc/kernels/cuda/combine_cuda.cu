@@ -155,10 +155,10 @@ void combine_bwd_typed(const FrameCombineBwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 void frame_combine_fwd(const FrameCombineFwdParams& p, cudaStream_t stream) {
-  FVDM_CUDA_DISPATCH(p.dtype, "frame_combine_fwd_cuda", [&] { combine_fwd_typed<scalar_t>(p, stream); });
+  FVDM_DISPATCH_FLOAT_TYPES(p.dtype, "frame_combine_fwd_cuda", [&] { combine_fwd_typed<scalar_t>(p, stream); });
 }
 void frame_combine_bwd(const FrameCombineBwdParams& p, cudaStream_t stream) {
-  FVDM_CUDA_DISPATCH(p.dtype, "frame_combine_bwd_cuda", [&] { combine_bwd_typed<scalar_t>(p, stream); });
+  FVDM_DISPATCH_FLOAT_TYPES(p.dtype, "frame_combine_bwd_cuda", [&] { combine_bwd_typed<scalar_t>(p, stream); });
 }
 
 }  // namespace fvdm::cuda

@@ -1,23 +1,15 @@
-// Helpers shared by the CUDA kernels: the dtype switch (fp32/bf16/fp16 only: the host layer
-// rejects fp64 on CUDA), 16-byte vectors, warp/block reductions, alignment checks, and the
-// fixed-order reduction of per-chunk partial sums that makes the backward reductions
-// deterministic (no float atomics anywhere).
+// Helpers shared by the CUDA kernels: 16-byte vectors, warp/block reductions, alignment
+// checks, and the fixed-order reduction of per-chunk partial sums that makes the backward
+// reductions deterministic (no float atomics anywhere).
 #pragma once
-#include <ATen/Dispatch.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
 
+#include "fvdm/dispatch.h"
 #include "runtime.cuh"
-
-// Binds scalar_t for the three CUDA dtypes. Compute is always in float (opmath on CUDA).
-#define FVDM_CUDA_DISPATCH(DTYPE, NAME, ...)              \
-  AT_DISPATCH_SWITCH(DTYPE, NAME,                         \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace fvdm::cuda {
 

@@ -425,16 +425,16 @@ void gated_bwd_typed(const GatedResidualBwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 void adaln_fwd(const AdalnFwdParams& p, cudaStream_t stream) {
-  FVDM_CUDA_DISPATCH(p.dtype, "adaln_fwd_cuda", [&] { adaln_fwd_typed<scalar_t>(p, stream); });
+  FVDM_DISPATCH_FLOAT_TYPES(p.dtype, "adaln_fwd_cuda", [&] { adaln_fwd_typed<scalar_t>(p, stream); });
 }
 void adaln_bwd(const AdalnBwdParams& p, cudaStream_t stream) {
-  FVDM_CUDA_DISPATCH(p.dtype, "adaln_bwd_cuda", [&] { adaln_bwd_typed<scalar_t>(p, stream); });
+  FVDM_DISPATCH_FLOAT_TYPES(p.dtype, "adaln_bwd_cuda", [&] { adaln_bwd_typed<scalar_t>(p, stream); });
 }
 void gated_residual_fwd(const GatedResidualFwdParams& p, cudaStream_t stream) {
-  FVDM_CUDA_DISPATCH(p.dtype, "gated_residual_fwd_cuda", [&] { gated_fwd_typed<scalar_t>(p, stream); });
+  FVDM_DISPATCH_FLOAT_TYPES(p.dtype, "gated_residual_fwd_cuda", [&] { gated_fwd_typed<scalar_t>(p, stream); });
 }
 void gated_residual_bwd(const GatedResidualBwdParams& p, cudaStream_t stream) {
-  FVDM_CUDA_DISPATCH(p.dtype, "gated_residual_bwd_cuda", [&] { gated_bwd_typed<scalar_t>(p, stream); });
+  FVDM_DISPATCH_FLOAT_TYPES(p.dtype, "gated_residual_bwd_cuda", [&] { gated_bwd_typed<scalar_t>(p, stream); });
 }
 
 }  // namespace fvdm::cuda

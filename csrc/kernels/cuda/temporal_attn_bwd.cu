@@ -27,23 +27,9 @@ namespace {
 
 using namespace attn;
 
-struct BwdConfig {
-  int tokens;
-  int64_t n_tiles;
-  int f_pad;
-  bool vec16;
-  float scale_log2;
-};
-
-// Shared memory per token: Q, K, V, dO tiles, then lse2 and Dsum (fp32); then the key flags.
-int64_t bwd_tc_smem(int64_t f_pad, int64_t dh, int tokens) {
-  const int64_t ld = round_up(dh, 16) + 8;
-  return tokens * (4 * f_pad * ld * 2 + 2 * f_pad * 4) + round_up(f_pad, 16);
-}
-
 template <typename T, int kDh>
 __global__ void __launch_bounds__(kWarps* kWarp)
-    attn_bwd_tc_kernel(const TemporalAttnBwdParams bp, const BwdConfig cfg) {
+    attn_bwd_tc_kernel(const TemporalAttnBwdParams bp, const TcConfig cfg) {
   using S = TileShape<kDh>;
   const TemporalAttnFwdParams& p = bp.fwd;
   FVDM_DYNAMIC_SHARED(unsigned char, smem_raw);
@@ -413,36 +399,24 @@ __global__ void __launch_bounds__(kGenericWarps* kWarp)
 // launch
 
 template <typename T, int kDh>
-void launch_bwd_tc(const TemporalAttnBwdParams& bp, const BwdConfig& cfg, int64_t smem, cudaStream_t stream) {
+void launch_bwd_tc(const TemporalAttnBwdParams& bp, const TcConfig& cfg, cudaStream_t stream) {
   const int64_t blocks = bp.fwd.B * cfg.n_tiles * bp.fwd.H;
   TORCH_CHECK(blocks <= INT32_MAX, "fvdm: temporal_attention_backward: too many (b, n, h) for one launch");
-  FVDM_LAUNCH_KERNEL((attn_bwd_tc_kernel<T, kDh>), static_cast<unsigned>(blocks), kWarps * kWarp, static_cast<size_t>(smem), stream, bp, cfg);
+  FVDM_LAUNCH_KERNEL((attn_bwd_tc_kernel<T, kDh>), static_cast<unsigned>(blocks), kWarps * kWarp,
+                     static_cast<size_t>(cfg.smem), stream, bp, cfg);
 }
 
 template <typename T>
 void bwd_typed(const TemporalAttnBwdParams& bp, cudaStream_t stream) {
   const TemporalAttnFwdParams& p = bp.fwd;
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   if constexpr (!std::is_same_v<T, float>) {
-    const AttnStrides cs = contiguous_strides(p.F, p.N, p.H, p.Dh);
-    const bool aligned4 = rows_aligned(p.q, p.q_stride, 4) && rows_aligned(p.k, p.k_stride, 4) &&
-                          rows_aligned(p.v, p.v_stride, 4) && is_aligned(bp.grad_out, 4) && is_aligned(bp.dq, 4) &&
+    const bool aligned4 = qkv_rows_aligned(p, 4) && is_aligned(bp.grad_out, 4) && is_aligned(bp.dq, 4) &&
                           is_aligned(bp.dk, 4) && is_aligned(bp.dv, 4);
-    if (tc_head_dim_supported(p.Dh) && p.F <= kMaxFramesTC && aligned4 && device_has_mma()) {
-      BwdConfig cfg{};
-      cfg.f_pad = static_cast<int>(round_up(p.F, kTile));
-      const int units_per_token = 2 * (cfg.f_pad / kTile);
-      cfg.tokens = static_cast<int>(std::clamp<int64_t>(kWarps / units_per_token, 1, p.N));
-      while (cfg.tokens > 1 && bwd_tc_smem(cfg.f_pad, p.Dh, cfg.tokens) > max_smem_optin()) --cfg.tokens;
-      const int64_t smem = bwd_tc_smem(cfg.f_pad, p.Dh, cfg.tokens);
-      if (smem <= max_smem_optin()) {
-        cfg.n_tiles = ceil_div(p.N, cfg.tokens);
-        cfg.vec16 = rows_aligned(p.q, p.q_stride, 16) && rows_aligned(p.k, p.k_stride, 16) &&
-                    rows_aligned(p.v, p.v_stride, 16) && rows_aligned(bp.grad_out, cs, 16);
-        cfg.scale_log2 = scale_log2;
-        FVDM_HEADDIM_SWITCH(p.Dh, kDh, [&] { launch_bwd_tc<T, kDh>(bp, cfg, smem, stream); });
-        return;
-      }
+    const bool vec16 =
+        qkv_rows_aligned(p, 16) && rows_aligned(bp.grad_out, contiguous_strides(p.F, p.N, p.H, p.Dh), 16);
+    if (const auto cfg = plan_tensor_core(p, /*backward=*/true, aligned4, vec16)) {
+      FVDM_HEADDIM_SWITCH(p.Dh, kDh, [&] { launch_bwd_tc<T, kDh>(bp, *cfg, stream); });
+      return;
     }
   }
   TORCH_CHECK(p.Dh <= kMaxDhGeneric, "fvdm: temporal_attention on CUDA supports head dims up to ", kMaxDhGeneric,
@@ -450,15 +424,18 @@ void bwd_typed(const TemporalAttnBwdParams& bp, cudaStream_t stream) {
   const int64_t rows = p.B * p.N * p.H * p.F;
   const int64_t blocks = ceil_div(rows, kGenericWarps);
   TORCH_CHECK(blocks <= INT32_MAX, "fvdm: temporal_attention_backward: too many rows for one launch");
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   Workspace dsum(rows);
-  FVDM_LAUNCH_KERNEL(attn_bwd_dq_generic_kernel<T>, static_cast<unsigned>(blocks), kGenericWarps * kWarp, 0, stream, bp, dsum.data(), scale_log2);
-  FVDM_LAUNCH_KERNEL(attn_bwd_dkdv_generic_kernel<T>, static_cast<unsigned>(blocks), kGenericWarps * kWarp, 0, stream, bp, dsum.data(), scale_log2);
+  FVDM_LAUNCH_KERNEL(attn_bwd_dq_generic_kernel<T>, static_cast<unsigned>(blocks), kGenericWarps * kWarp, 0, stream,
+                     bp, dsum.data(), scale_log2);
+  FVDM_LAUNCH_KERNEL(attn_bwd_dkdv_generic_kernel<T>, static_cast<unsigned>(blocks), kGenericWarps * kWarp, 0, stream,
+                     bp, dsum.data(), scale_log2);
 }
 
 }  // namespace
 
 void temporal_attn_bwd(const TemporalAttnBwdParams& p, cudaStream_t stream) {
-  FVDM_CUDA_DISPATCH(p.fwd.dtype, "temporal_attn_bwd_cuda", [&] { bwd_typed<scalar_t>(p, stream); });
+  FVDM_DISPATCH_FLOAT_TYPES(p.fwd.dtype, "temporal_attn_bwd_cuda", [&] { bwd_typed<scalar_t>(p, stream); });
 }
 
 }  // namespace fvdm::cuda

@@ -1,7 +1,7 @@
 // Pieces shared by the temporal attention forward and backward kernels: the head-dim switch,
 // the bf16/fp16 tensor-core MMA (mma.sync m16n8k16, fp32 accumulate) and its fragment loaders
-// from shared memory, the cooperative global -> shared tile copy, and the host-side checks
-// that decide between the tensor-core path and the generic CUDA-core path.
+// from shared memory, the cooperative global -> shared tile copy, and the host-side choice
+// between the tensor-core path and the generic CUDA-core path (plan_tensor_core).
 //
 // Fragment layouts of mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with
 // g = lane / 4 and t = lane % 4:
@@ -16,8 +16,10 @@
 // (kDhK = head dim rounded up to 16): the 8-element pad makes the 32-bit fragment loads of the
 // 8 row groups land in distinct banks.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 
 #include "common.cuh"
@@ -182,15 +184,15 @@ __device__ __forceinline__ int64_t offset_of(const AttnStrides& s, int64_t b, in
   return b * s.b + f * s.f + n * s.n + h * s.h;
 }
 
-// Strides of a contiguous (B, F, N, H, Dh) tensor (out, grad_out and the gradients).
-__host__ __device__ inline AttnStrides contiguous_strides(int64_t F, int64_t N, int64_t H, int64_t Dh) {
-  return {F * N * H * Dh, N * H * Dh, H * Dh, Dh};
-}
-
 // Strides of the gradients dq, dk, dv: (b, f, n) rows `row_stride` elements apart (H * Dh for
 // three tensors, 3 * H * Dh inside one packed (B, F, N, 3, H, Dh) gradient).
 __host__ __device__ inline AttnStrides grad_strides(int64_t F, int64_t N, int64_t Dh, int64_t row_stride) {
   return {F * N * row_stride, N * row_stride, row_stride, Dh};
+}
+
+// Strides of a contiguous (B, F, N, H, Dh) tensor (out, grad_out and the gradients).
+__host__ __device__ inline AttnStrides contiguous_strides(int64_t F, int64_t N, int64_t H, int64_t Dh) {
+  return grad_strides(F, N, Dh, H * Dh);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -206,5 +208,53 @@ inline bool rows_aligned(const void* p, const AttnStrides& s, int bytes) {
 }
 
 inline bool device_has_mma() { return device_facts().major >= 8; }
+
+// q, k and v rows can be copied in `bytes`-sized chunks.
+inline bool qkv_rows_aligned(const TemporalAttnFwdParams& p, int bytes) {
+  return rows_aligned(p.q, p.q_stride, bytes) && rows_aligned(p.k, p.k_stride, bytes) &&
+         rows_aligned(p.v, p.v_stride, bytes);
+}
+
+// Launch shape of a tensor-core kernel: one block per (b, tile of `tokens` consecutive n, h).
+struct TcConfig {
+  int tokens;        // consecutive n per block
+  int64_t n_tiles;   // ceil(N / tokens)
+  int f_pad;         // F rounded up to 16
+  bool vec16;        // rows may be copied in 16-byte chunks
+  float scale_log2;  // scale * log2(e)
+  int64_t smem;      // dynamic shared memory per block, bytes
+};
+
+// Shared memory of a tensor-core block: per token, `tiles` 16-bit (F, Dh) tiles (forward Q, K,
+// V; backward also dO) and `stats` fp32 rows of F (backward lse and Dsum); then a flag per key.
+inline int64_t tc_smem(int64_t f_pad, int64_t dh, int tokens, bool backward) {
+  const int64_t ld = round_up(dh, 16) + 8;
+  const int tiles = backward ? 4 : 3, stats = backward ? 2 : 0;
+  return tokens * (tiles * f_pad * ld * 2 + stats * f_pad * 4) + round_up(f_pad, 16);
+}
+
+// The choice between the tensor-core and the generic kernels, the same for the forward and
+// the backward: bf16/fp16, a head dim with a tensor-core kernel, F <= 128, rows 4-byte aligned
+// (`aligned4`: every buffer the kernel copies or stores in 32-bit pairs), an sm_80+ device, and
+// the tiles of one token fit in shared memory. Returns no config for the generic kernels. A
+// block takes as many tokens as give its 4 warps a work unit each (forward: one unit per
+// 16-query tile; backward: two, a key tile and a query tile), fewer if shared memory is short.
+inline std::optional<TcConfig> plan_tensor_core(const TemporalAttnFwdParams& p, bool backward, bool aligned4,
+                                                bool vec16) {
+  const bool eligible = (p.dtype == at::kHalf || p.dtype == at::kBFloat16) && tc_head_dim_supported(p.Dh) &&
+                        p.F <= kMaxFramesTC && aligned4 && device_has_mma();
+  if (!eligible) return std::nullopt;
+  TcConfig c{};
+  c.f_pad = static_cast<int>(round_up(p.F, kTile));
+  const int units_per_token = (backward ? 2 : 1) * (c.f_pad / kTile);
+  c.tokens = static_cast<int>(std::clamp<int64_t>(kWarps / units_per_token, 1, p.N));
+  while (c.tokens > 1 && tc_smem(c.f_pad, p.Dh, c.tokens, backward) > max_smem_optin()) --c.tokens;
+  c.smem = tc_smem(c.f_pad, p.Dh, c.tokens, backward);
+  if (c.smem > max_smem_optin()) return std::nullopt;
+  c.n_tiles = ceil_div(p.N, c.tokens);
+  c.vec16 = vec16;
+  c.scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  return c;
+}
 
 }  // namespace fvdm::cuda::attn

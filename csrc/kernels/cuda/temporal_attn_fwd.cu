@@ -24,16 +24,8 @@ namespace {
 
 using namespace attn;
 
-struct FwdConfig {
-  int tokens;       // consecutive n per block
-  int64_t n_tiles;  // ceil(N / tokens)
-  int f_pad;        // F rounded up to 16
-  bool vec16;       // q, k, v rows may be copied in 16-byte chunks
-  float scale_log2; // scale * log2(e)
-};
-
 template <typename T, int kDh>
-__global__ void __launch_bounds__(kWarps* kWarp) attn_fwd_tc_kernel(const TemporalAttnFwdParams p, const FwdConfig cfg) {
+__global__ void __launch_bounds__(kWarps* kWarp) attn_fwd_tc_kernel(const TemporalAttnFwdParams p, const TcConfig cfg) {
   using S = TileShape<kDh>;
   FVDM_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int F = static_cast<int>(p.F), Fp = cfg.f_pad, tokens = cfg.tokens;
@@ -227,39 +219,20 @@ __global__ void __launch_bounds__(kGenericWarps* kWarp)
 }
 
 template <typename T, int kDh>
-void launch_fwd_tc(const TemporalAttnFwdParams& p, const FwdConfig& cfg, int64_t smem, cudaStream_t stream) {
+void launch_fwd_tc(const TemporalAttnFwdParams& p, const TcConfig& cfg, cudaStream_t stream) {
   const int64_t blocks = p.B * cfg.n_tiles * p.H;
   TORCH_CHECK(blocks <= INT32_MAX, "fvdm: temporal_attention: too many (b, n, h) for one launch");
-  FVDM_LAUNCH_KERNEL((attn_fwd_tc_kernel<T, kDh>), static_cast<unsigned>(blocks), kWarps * kWarp, static_cast<size_t>(smem), stream, p, cfg);
-}
-
-// Shared memory of the tensor-core forward for `tokens` tokens per block.
-int64_t fwd_tc_smem(int64_t f_pad, int64_t dh, int tokens) {
-  const int64_t ld = round_up(dh, 16) + 8;
-  return 3 * tokens * f_pad * ld * 2 + round_up(f_pad, 16);
+  FVDM_LAUNCH_KERNEL((attn_fwd_tc_kernel<T, kDh>), static_cast<unsigned>(blocks), kWarps * kWarp,
+                     static_cast<size_t>(cfg.smem), stream, p, cfg);
 }
 
 template <typename T>
 void fwd_typed(const TemporalAttnFwdParams& p, cudaStream_t stream) {
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
   if constexpr (!std::is_same_v<T, float>) {
-    const bool aligned4 = rows_aligned(p.q, p.q_stride, 4) && rows_aligned(p.k, p.k_stride, 4) &&
-                          rows_aligned(p.v, p.v_stride, 4) && is_aligned(p.out, 4);
-    if (tc_head_dim_supported(p.Dh) && p.F <= kMaxFramesTC && aligned4 && device_has_mma()) {
-      FwdConfig cfg{};
-      cfg.f_pad = static_cast<int>(round_up(p.F, kTile));
-      const int units_per_token = cfg.f_pad / kTile;
-      cfg.tokens = static_cast<int>(std::clamp<int64_t>(kWarps / units_per_token, 1, p.N));
-      while (cfg.tokens > 1 && fwd_tc_smem(cfg.f_pad, p.Dh, cfg.tokens) > max_smem_optin()) --cfg.tokens;
-      const int64_t smem = fwd_tc_smem(cfg.f_pad, p.Dh, cfg.tokens);
-      if (smem <= max_smem_optin()) {
-        cfg.n_tiles = ceil_div(p.N, cfg.tokens);
-        cfg.vec16 = rows_aligned(p.q, p.q_stride, 16) && rows_aligned(p.k, p.k_stride, 16) &&
-                    rows_aligned(p.v, p.v_stride, 16);
-        cfg.scale_log2 = scale_log2;
-        FVDM_HEADDIM_SWITCH(p.Dh, kDh, [&] { launch_fwd_tc<T, kDh>(p, cfg, smem, stream); });
-        return;
-      }
+    const bool aligned4 = qkv_rows_aligned(p, 4) && is_aligned(p.out, 4);
+    if (const auto cfg = plan_tensor_core(p, /*backward=*/false, aligned4, qkv_rows_aligned(p, 16))) {
+      FVDM_HEADDIM_SWITCH(p.Dh, kDh, [&] { launch_fwd_tc<T, kDh>(p, *cfg, stream); });
+      return;
     }
   }
   TORCH_CHECK(p.Dh <= kMaxDhGeneric, "fvdm: temporal_attention on CUDA supports head dims up to ", kMaxDhGeneric,
@@ -267,13 +240,15 @@ void fwd_typed(const TemporalAttnFwdParams& p, cudaStream_t stream) {
   const int64_t rows = p.B * p.N * p.H * p.F;
   const int64_t blocks = ceil_div(rows, kGenericWarps);
   TORCH_CHECK(blocks <= INT32_MAX, "fvdm: temporal_attention: too many rows for one launch");
-  FVDM_LAUNCH_KERNEL(attn_fwd_generic_kernel<T>, static_cast<unsigned>(blocks), kGenericWarps * kWarp, 0, stream, p, scale_log2);
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  FVDM_LAUNCH_KERNEL(attn_fwd_generic_kernel<T>, static_cast<unsigned>(blocks), kGenericWarps * kWarp, 0, stream, p,
+                     scale_log2);
 }
 
 }  // namespace
 
 void temporal_attn_fwd(const TemporalAttnFwdParams& p, cudaStream_t stream) {
-  FVDM_CUDA_DISPATCH(p.dtype, "temporal_attn_fwd_cuda", [&] { fwd_typed<scalar_t>(p, stream); });
+  FVDM_DISPATCH_FLOAT_TYPES(p.dtype, "temporal_attn_fwd_cuda", [&] { fwd_typed<scalar_t>(p, stream); });
 }
 
 }  // namespace fvdm::cuda
