@@ -1,6 +1,6 @@
-# Enables CUDA for the extension. Facts from BUILD_NOTES: CUDA 13 rejects torch's default
-# arch list (compute_50), so the list comes from TORCH_CUDA_ARCH_LIST (default 8.0;9.0), and
-# the cuBLAS/cuSPARSE/nvrtc headers and libraries come from the pip nvidia-* wheels.
+# Enables CUDA for the extension. CUDA 13 rejects torch's default arch list (compute_50), so
+# the list comes from TORCH_CUDA_ARCH_LIST (default 8.0;9.0); the cuBLAS/cuSPARSE/nvrtc headers
+# and libraries come from the pip nvidia-* wheels.
 if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST} OR "$ENV{TORCH_CUDA_ARCH_LIST}" STREQUAL "")
   set(ENV{TORCH_CUDA_ARCH_LIST} "8.0;9.0")
 endif()

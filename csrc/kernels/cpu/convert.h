@@ -47,12 +47,10 @@ inline void copy_row(const T* __restrict__ src, T* __restrict__ dst, int64_t n) 
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // With AVX-512 (F, BW, VL; FVDM_AVX512): fp32, bf16 and fp16 in registers, 16 values at a time,
-// as floats. Elementwise kernels use these to skip the op-math row buffers (converting each row
-// into L1 buffers and back made bf16 rows cost 1.6x fp32 ones in cache). A lane count is either
-// Full (a row's whole vectors: plain loads and stores) or a mask of the first lanes (its tail,
-// or a misaligned head). With masked loads and stores throughout, a bf16 gated residual at
-// Latte-XL ran at 0.7-0.8x the eager reference on a Zen 5 EPYC; with plain ones for whole
-// vectors 2.0-2.1x, and 2.0-3.2x with the one-instruction rounding below.
+// as floats. Elementwise kernels use these to skip the op-math row buffers (a round trip of
+// each row through L1 buffers costs more than the op). A lane count is either Full (a row's
+// whole vectors: plain loads and stores, much faster than masked ones) or a mask of the first
+// lanes (its tail, or a misaligned head).
 #define FVDM_AVX512 1
 struct Full {};
 
@@ -100,8 +98,7 @@ inline void for_lanes(int64_t n, const F& f) {
 // the lanes that exist): the 64-byte-aligned body with streaming stores straight from
 // registers, the head and tail with masked normal stores. Stream the result this way rather
 // than through an L1 row and stream_copy: a row's burst of streaming stores stalls the loads
-// behind it, and interleaved they overlap (an fp32 gated residual at Latte-XL, 2 threads, in a
-// standalone C++ probe: 0.95-1.07 ms this way, 1.48-1.91 ms through a row).
+// behind it, and interleaved they overlap.
 template <typename F>
 inline void stream_row(float* dst, int64_t n, const F& f) {
   int64_t d = std::min<int64_t>(n, static_cast<int64_t>((64 - (reinterpret_cast<uintptr_t>(dst) & 63)) & 63) / 4);
@@ -203,10 +200,7 @@ inline void stream_fence() {
 // is smaller), its output would be evicted before the next op reads it anyway: fp32/fp64
 // outputs are then written with streaming stores (stream_row / stream_copy). Below that,
 // normal stores keep the output in cache for its reader, and a CPU demo's small activations
-// never stream. adaLN at Latte-S (24 MiB) is above: timed in turns with other work between
-// calls, as in `bench kernels` or a model, it took 0.60-0.65 ms streamed vs 0.90-1.01 ms with
-// normal stores when the host was slow, 0.48 ms both when it was fast (back to back with its
-// data left in cache, normal stores won by a little). bf16/fp16 outputs are never streamed.
+// never stream. bf16/fp16 outputs never stream.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
 template <typename scalar_t>

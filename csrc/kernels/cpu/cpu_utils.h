@@ -40,8 +40,8 @@ std::vector<acc_t> frame_chunked_reduce(int64_t BF, int64_t N, int64_t width, co
 }
 
 // Sum of four 512-bit vectors of T stored at acc. With AVX-512 the last 16 (8) lanes are added
-// by a shuffle tree; the compiler's own epilogue was a chain of 16 dependent scalar adds per
-// row, which dominated the adaLN forward at D = 384.
+// by a shuffle tree; the compiler's own epilogue is a chain of 16 dependent scalar adds per
+// row, which dominates the adaLN forward at D = 384.
 template <typename T>
 inline T sum_of_four_vectors(const T* acc) {
   constexpr int64_t kLanes = 4 * 64 / static_cast<int64_t>(sizeof(T));

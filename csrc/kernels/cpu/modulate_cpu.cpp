@@ -87,8 +87,8 @@ inline int64_t with_row_block(int64_t left, const F& f) {
 // var = E[(x-k)^2] - E[x-k]^2 loses at most D/16 ulps to cancellation (|mean - k|^2 <= var *
 // D/16), where a second pass would read the row again. The output is fma(fma(x, rstd,
 // -mean*rstd), 1 + scale, shift), the table values loaded once for the R rows. While the
-// block's output is computed from L1, the next `prefetch_rows` rows are prefetched: without it
-// no load is in flight during that pass, and at Latte-XL the block took 1.4x as long.
+// block's output is computed from L1, the next `prefetch_rows` rows are prefetched, so that a
+// load is in flight during that pass.
 // `stream` needs every row to start on a cache line.
 template <int R, typename T>
 inline void adaln_rows(const T* x, const float* sh, const float* sc1, T* y, float* mean_out, float* rstd_out,
@@ -192,9 +192,8 @@ void adaln_fwd_impl(const AdalnFwdParams& p) {
 // The bf16/fp16 backward for R rows of one frame (R <= 4) in registers. Pass 1 adds the rows into
 // the frame's dshift / dscale sums and takes each row's sums of g' and g' xhat; pass 2 writes
 // dx, recomputing xhat and g' from the rows (still in L1), and prefetches the next
-// `prefetch_rows` rows of both inputs. Against the row loop through L1 conversion buffers,
-// forward+backward at Latte-XL took 0.63x the time (S 0.85x); for fp32, which that loop reads in
-// place, it was 1.10x (S) and 0.98x (XL), so fp32 keeps the loop.
+// `prefetch_rows` rows of both inputs. Faster than the row loop through L1 conversion buffers
+// for bf16/fp16; fp32, which that loop reads in place, gains nothing and keeps the loop.
 template <int R, typename T>
 inline void adaln_bwd_rows(const T* gy, const T* x, const float* sc1, const float* mean, const float* rstd, float* dsh,
                            float* dsc, T* dx, int64_t D, int64_t prefetch_rows) {

@@ -90,11 +90,8 @@ inline void exp_inplace(double* x, int64_t n) {
 // GEMMs' k loops (one line a step) so that the requests trickle out while the current token
 // computes. The F frames of a token are F places in memory a frame apart, too short for the
 // hardware prefetcher to run ahead of, so without it every gather starts with cache misses.
-// Into L1 (prefetcht0; into L2 was 3-9% slower). Before, a head's rows were prefetched in one
-// burst per phase (80 prefetches at Latte-XL), which on a Zen 5 EPYC measured the same as no
-// prefetch at all. Stepping this prefetcher once per k took the fp32 forward at Latte-XL from
-// 2.00-2.55x the eager reference to 2.35-2.76x (`bench kernels`, alternated); handing each GEMM
-// block a span it keeps in registers (take) then took it from 2.71-2.76 ms to 2.40-2.48 ms.
+// Into L1 (prefetcht0), which beat L2. One line per k step rather than a burst per phase: a
+// burst gained nothing; each GEMM block keeps its span of lines in registers (take).
 class LinePrefetcher {
  public:
   struct Span {  // consecutive lines of one run
@@ -169,8 +166,8 @@ inline void gemm_rows(const T* __restrict__ A, int64_t lda, const T* __restrict_
 }
 
 // C[M x Np] = A[M x K] * B[K x Np], Np a multiple of kLanes / 2. Eight rows at a time: eight
-// independent FMA chains keep both 512-bit FMA pipes of a Zen 5 core busy, where four were
-// enough at half width (temporal attention fp32 fwd+bwd 4-10% faster than four rows there).
+// independent FMA chains keep both 512-bit FMA pipes of a Zen 5 core busy (four are enough at
+// half width).
 // pf (if any): every block prefetches up to K of its lines, one per k step.
 template <typename T>
 void gemm(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t M, int64_t K, int64_t Np,
@@ -220,7 +217,7 @@ inline void transpose16x16(__m512 r[16]) {
 }
 #endif
 
-// dst[c x r] = src[r x c]; float goes through 16 x 16 register blocks (the scalar loop was a
+// dst[c x r] = src[r x c]; float goes through 16 x 16 register blocks (a scalar loop costs a
 // fifth of the forward's time at Dh = 72).
 template <typename T>
 inline void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols) {
@@ -445,10 +442,10 @@ inline int64_t heads_per_group(int64_t H, int64_t floats_per_head) {
 // writes next, and the last head's in the gap.
 template <typename scalar_t>
 struct TokenOut {
-  std::vector<scalar_t> buf;
   int64_t F, N, HD, ld;
-  TokenOut(int64_t F_, int64_t N_, int64_t H, int64_t Dh)
-      : buf(F_ * (H * Dh + pad(Dh) - Dh)), F(F_), N(N_), HD(H * Dh), ld(H * Dh + pad(Dh) - Dh) {}
+  std::vector<scalar_t> buf;  // after ld: sized from it
+  TokenOut(int64_t F, int64_t N, int64_t H, int64_t Dh)
+      : F(F), N(N), HD(H * Dh), ld(H * Dh + pad(Dh) - Dh), buf(F * ld) {}
   scalar_t* row(int64_t f, int64_t h, int64_t Dh) { return buf.data() + f * ld + h * Dh; }
   // dst's (b, f, n) rows are row_stride elements apart (HD when dst is (B, F, N, H, Dh)).
   void flush(scalar_t* dst, int64_t b, int64_t n, int64_t row_stride) const {
@@ -483,14 +480,12 @@ void attn_fwd_impl(const TemporalAttnFwdParams& p) {
   auto* lse = static_cast<opmath_t*>(p.lse);
   const auto scale = static_cast<opmath_t>(p.scale);
   // Per head: q, k (F x Dh), v (F x Dhp); k^T (Dh x Fp) is made per head from k while in L1
-  // (scattering it straight from the gather touches Dh cache lines per row and was the
-  // slowest part of the kernel).
+  // (scattering it straight from the gather touches Dh cache lines per row).
   const int64_t q_sz = F * Dh, v_sz = F * Dhp;
   const int64_t HG = heads_per_group(H, 2 * q_sz + v_sz);
   // fp32/fp64 (no conversion): k^T is transposed straight from the F source rows, which the
-  // prefetch has brought into cache, instead of from a gathered copy (S fwd -6%, XL -2-4%), and
-  // O = P V is written straight into the output stage. q and v are still gathered: the GEMMs
-  // reading their rows in place (F rows a frame stride apart) were slower (XL fwd +5-15%).
+  // prefetch has brought into cache, and O = P V is written straight into the output stage.
+  // q and v are gathered: GEMMs reading F rows a frame stride apart in place are slower.
   constexpr bool kNoConversion = !kNeedsConversion<scalar_t>;
   at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
     Buf<opmath_t> q(HG * q_sz), k(kNoConversion ? 0 : HG * q_sz), kt(Dh * Fp), v(HG * v_sz), s(F * Fp), allow(F * Fp),
