@@ -41,8 +41,9 @@ test: build test-cuda-emu
 	$(PY) -m pytest -q -m "not cuda_emu"
 
 # The CUDA kernels and launchers (csrc/kernels/cuda/*.cu) compiled as C++ against the CUDA
-# emulation in csrc/emu/, with AddressSanitizer, and tests/test_cuda_emulation.py run with the
-# sanitizer's runtime preloaded (libstdc++ too: the sanitizer must see it to intercept throws).
+# emulation in csrc/emu/, with AddressSanitizer, and the `cuda_emu` tests (the emulated device of
+# tests/test_op_*.py, and tests/test_cuda_emulation.py) run with the sanitizer's runtime
+# preloaded (libstdc++ too: the sanitizer must see it to intercept throws).
 # --capture=sys leaves file descriptor 2 alone, so a sanitizer report reaches the log.
 EMU_BUILD ?= build/cuda-emu
 ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
@@ -54,7 +55,7 @@ cuda-emu: $(VENV)/.deps
 
 test-cuda-emu: build cuda-emu
 	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 FVDM_CUDA_EMU_LIB=$(abspath $(EMU_BUILD))/libfvdm_cuda_emu.so \
-	  $(PY) -m pytest -q -p no:cacheprovider --capture=sys -m cuda_emu tests/test_cuda_emulation.py
+	  $(PY) -m pytest -q -p no:cacheprovider --capture=sys -m cuda_emu tests/test_op_*.py tests/test_cuda_emulation.py
 
 bench: build
 	$(PY) -m fvdm bench kernels

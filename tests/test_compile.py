@@ -1,7 +1,9 @@
 """All fused operators trace into one torch.compile(fullgraph=True) graph, forward and backward,
 and give the same results as eager execution."""
 
+import pytest
 import torch
+from op_inputs import AUTOGRAD_DEVICES, CPU, CUDA
 
 from fvdm import ops
 
@@ -19,21 +21,27 @@ def block(x, shift, scale, gate, qkv, x0, noise, t, a, s, coeffs):
     return mixed.square().mean()
 
 
-def _inputs():
+def _inputs(device, dtype, Dh):
     g = torch.Generator().manual_seed(0)
-    B, F, N, H, Dh = 2, 5, 3, 2, 4
+    B, F, N, H = 2, 5, 3, 2
     D = H * Dh
 
     def r(*shape):
-        return torch.randn(*shape, generator=g).requires_grad_()
+        return torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()
 
-    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 100), 0)
+    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 100), 0).to(device)
     return (r(B, F, N, D), r(B, F, D), r(B, F, D), r(B, F, D), r(B, F, N, 3, H, Dh), r(B, F, N, D), r(B, F, N, D),
-            torch.randint(0, 100, (B, F), generator=g), ab.sqrt(), (1 - ab).sqrt(), r(B, F, 2))
+            torch.randint(0, 100, (B, F), generator=g).to(device), ab.sqrt(), (1 - ab).sqrt(),
+            torch.randn(B, F, 2, generator=g).to(device).requires_grad_())
 
 
-def test_compile_fullgraph_forward_and_backward_match_eager():
-    inputs = _inputs()
+# On a GPU in bf16 with Dh = 64: the tensor-core attention kernels.
+@pytest.mark.parametrize("device, dtype, Dh, tol", [
+    pytest.param(CPU, torch.float32, 4, (1e-4, 1e-5), id="cpu"),
+    pytest.param(CUDA, torch.bfloat16, 64, (2e-2, 2e-2), id="cuda", marks=AUTOGRAD_DEVICES[1].marks),
+])
+def test_compile_fullgraph_forward_and_backward_match_eager(device, dtype, Dh, tol):
+    inputs = _inputs(device.tensors, dtype, Dh)
     eager_loss = block(*inputs)
     eager_grads = torch.autograd.grad(eager_loss, [t for t in inputs if t.requires_grad])
 
@@ -41,6 +49,6 @@ def test_compile_fullgraph_forward_and_backward_match_eager():
     compiled = torch.compile(block, fullgraph=True)
     loss = compiled(*inputs)
     grads = torch.autograd.grad(loss, [t for t in inputs if t.requires_grad])
-    torch.testing.assert_close(loss, eager_loss)
+    torch.testing.assert_close(loss, eager_loss, rtol=tol[0], atol=tol[1])
     for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(g, e, rtol=tol[0], atol=tol[1])

@@ -3,18 +3,11 @@
 import torch
 
 import fvdm
+from fvdm.ops import get_backend
 
-OPS = [
-    "adaln_modulate",
-    "adaln_modulate_backward",
-    "gated_residual",
-    "gated_residual_backward",
-    "frame_combine",
-    "frame_combine_backward",
-    "noise_inject",
-    "temporal_attention",
-    "temporal_attention_backward",
-]
+# Every operator fvdm._C registered, read from the dispatcher (a new op is checked without
+# being listed here).
+OPS = sorted(name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("fvdm::"))
 
 
 def test_extension_is_built():
@@ -22,6 +15,12 @@ def test_extension_is_built():
     assert info["built"], f"fvdm._C failed to import: {info.get('error')}"
     assert info["version"] == fvdm.__version__
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+
+
+def test_every_op_of_the_fused_backend_is_registered():
+    fused = [name for name in vars(get_backend("fused")) if name != "name"]
+    assert fused and set(fused) <= set(OPS), f"registered: {OPS}"
+    assert "temporal_attention_qkv_backward" in OPS
 
 
 def test_every_op_has_a_cpu_kernel():

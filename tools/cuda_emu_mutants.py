@@ -2,8 +2,9 @@
 
 Each mutant is one small bug put into a copy of the CUDA sources (a wrong mma fragment index,
 a missing __syncthreads(), an off-by-one bound). For each, the emulation is rebuilt from the
-copy (incrementally), tests/test_cuda_emulation.py runs against it under AddressSanitizer, and
-the mutant counts as caught when the run fails. Not part of CI: every mutant costs a rebuild.
+copy (incrementally), the `cuda_emu` tests of tests/test_op_*.py (the operators on the emulated
+device) run against it under AddressSanitizer, and the mutant counts as caught when the run
+fails. Not part of CI: every mutant costs a rebuild.
 
     .venv/bin/python tools/cuda_emu_mutants.py [--only NAME] [--out FILE]
 """
@@ -127,7 +128,7 @@ def main() -> int:
             outcome, detail = "does not compile", build.stdout[-400:]
         else:
             test = run([py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--capture=sys", "-m", "cuda_emu", "-k", select,
-                        str(ROOT / "tests" / "test_cuda_emulation.py")], env=env, cwd=ROOT)
+                        *map(str, sorted((ROOT / "tests").glob("test_op_*.py")))], env=env, cwd=ROOT)
             text = test.stdout + test.stderr
             outcome = "caught" if test.returncode else "MISSED"
             lines = [ln for ln in text.splitlines() if "ERROR: AddressSanitizer" in ln or ln.startswith("E  ")]

@@ -67,8 +67,8 @@ def main() -> int:
     cs = sanitizer()
     tmp = Path(tempfile.mkdtemp(prefix="fvdm-gpu-check-"))
     few = {"HYPOTHESIS_PROFILE": "sanitizer", "PYTORCH_NO_CUDA_MEMORY_CACHING": "1", "FVDM_SELF_CHECK": "0"}
-    kernel_tests = [PY, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_cuda_ops.py",
-                    "-k", "matches or autograd or attention"]
+    kernel_tests = [PY, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "cuda", "tests/test_op_modulate.py",
+                    "tests/test_op_noise.py", "tests/test_op_temporal_attention.py", "-k", "forward_and_backward or attention"]
     plan = [
         ("build info", [PY, "-m", "fvdm", "info"], 60, None),
         ("cuda tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests"], 180, None),

@@ -43,13 +43,18 @@ if HAS_C:
     def _adaln_setup(ctx, inputs, output):
         x, _, scale, _ = inputs
         _, mean, rstd = output
-        ctx.save_for_backward(x, scale, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
+        # dshift = sum_n grad_y needs nothing saved; dx and dscale need the kernel's inputs.
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            ctx.save_for_backward(x, scale, mean, rstd)
 
     def _adaln_backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        need_x, need_shift, need_scale = ctx.needs_input_grad[:3]
+        if not (need_x or need_scale):
+            return None, grad_y.sum(2, dtype=opmath_dtype(grad_y.dtype)).to(grad_y.dtype), None, None
         x, scale, mean, rstd = ctx.saved_tensors
         dx, dshift, dscale = torch.ops.fvdm.adaln_modulate_backward(grad_y, x, scale, mean, rstd)
-        return dx, dshift, dscale, None
+        return dx if need_x else None, dshift if need_shift else None, dscale if need_scale else None, None
 
     torch.library.register_autograd("fvdm::adaln_modulate", _adaln_backward, setup_context=_adaln_setup)
 
@@ -64,11 +69,16 @@ if HAS_C:
 
     def _gated_setup(ctx, inputs, output):
         _, h, gate = inputs
-        ctx.save_for_backward(h, gate)
+        # dx = grad_out needs nothing saved; dh and dgate come from one kernel that reads both.
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            ctx.save_for_backward(h, gate)
 
     def _gated_backward(ctx, grad_out):
+        need_x, need_h, need_gate = ctx.needs_input_grad[:3]
+        if not (need_h or need_gate):
+            return grad_out, None, None
         h, gate = ctx.saved_tensors
         dh, dgate = torch.ops.fvdm.gated_residual_backward(grad_out, h, gate)
-        return grad_out, dh, dgate
+        return grad_out if need_x else None, dh if need_h else None, dgate if need_gate else None
 
     torch.library.register_autograd("fvdm::gated_residual", _gated_backward, setup_context=_gated_setup)

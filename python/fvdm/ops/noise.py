@@ -49,12 +49,20 @@ if HAS_C:
 
     def _combine_setup(ctx, inputs, output):
         xs, coeffs = inputs
-        ctx.save_for_backward(coeffs, *xs)
+        # needs_input_grad is flat: one entry per input tensor, then coeffs. The inputs are
+        # saved only for dcoeffs; dinputs[k] = coeffs[..., k] * grad_out needs coeffs alone.
+        # (The backward's ctx.needs_input_grad is not laid out so: keep the flags from here.)
+        ctx.need_inputs, ctx.need_coeffs = ctx.needs_input_grad[: len(xs)], ctx.needs_input_grad[len(xs)]
+        ctx.save_for_backward(coeffs, *(xs if ctx.need_coeffs else ()))
 
     def _combine_backward(ctx, grad_out):
         coeffs, *xs = ctx.saved_tensors
-        dinputs, dcoeffs = torch.ops.fvdm.frame_combine_backward(grad_out, xs, coeffs)
-        return list(dinputs), dcoeffs
+        if ctx.need_coeffs:
+            dinputs, dcoeffs = torch.ops.fvdm.frame_combine_backward(grad_out, xs, coeffs)
+            return [d if need else None for d, need in zip(dinputs, ctx.need_inputs)], dcoeffs
+        dinputs = [torch.ops.fvdm.frame_combine([grad_out], coeffs[..., k : k + 1]) if need else None
+                   for k, need in enumerate(ctx.need_inputs)]
+        return dinputs, None
 
     torch.library.register_autograd("fvdm::frame_combine", _combine_backward, setup_context=_combine_setup)
 
@@ -64,16 +72,15 @@ if HAS_C:
 
     def _noise_setup(ctx, inputs, output):
         _, _, t, a, s = inputs
-        ctx.save_for_backward(t, a, s)
+        # d x0 = a[t] * g needs a, d noise = s[t] * g needs s.
+        ctx.save_for_backward(t, a if ctx.needs_input_grad[0] else None, s if ctx.needs_input_grad[1] else None)
 
     def _noise_backward(ctx, grad_out):
         t, a, s = ctx.saved_tensors
         dt = opmath_dtype(grad_out.dtype)
-        # d x0 = a[t] * g, d noise = s[t] * g: a B*F lookup and two fused scalings.
-        ca = a.to(dt)[t].unsqueeze(-1)
-        cs = s.to(dt)[t].unsqueeze(-1)
-        dx0 = torch.ops.fvdm.frame_combine([grad_out], ca) if ctx.needs_input_grad[0] else None
-        dnoise = torch.ops.fvdm.frame_combine([grad_out], cs) if ctx.needs_input_grad[1] else None
+        # A B*F lookup and a fused scaling per gradient.
+        dx0 = torch.ops.fvdm.frame_combine([grad_out], a.to(dt)[t].unsqueeze(-1)) if a is not None else None
+        dnoise = torch.ops.fvdm.frame_combine([grad_out], s.to(dt)[t].unsqueeze(-1)) if s is not None else None
         return dx0, dnoise, None, None, None
 
     torch.library.register_autograd("fvdm::noise_inject", _noise_backward, setup_context=_noise_setup)

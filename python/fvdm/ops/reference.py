@@ -8,12 +8,12 @@ baseline, so they are written the way a plain PyTorch model would write them.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch.nn.functional import layer_norm, scaled_dot_product_attention
 
 
 def adaln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm over D (no affine), then per-frame modulation. x (B,F,N,D); shift, scale (B,F,D)."""
-    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
+    return layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
 
 
 def gated_residual_ref(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -52,8 +52,8 @@ def temporal_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    causal: bool = False,
     key_mask: torch.Tensor | None = None,
+    causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Attention along F for every (b, n, head), as a Latte temporal block does it: rearrange
@@ -70,7 +70,7 @@ def temporal_attention_ref(
     if key_mask is not None:
         km = key_mask.bool()[:, None, None, None, :].expand(B, N, 1, 1, Fr).reshape(B * N, 1, 1, Fr)
         allowed = km if allowed is None else allowed & km
-    out = F.scaled_dot_product_attention(to_seq(q), to_seq(k), to_seq(v), attn_mask=allowed, scale=scale)
+    out = scaled_dot_product_attention(to_seq(q), to_seq(k), to_seq(v), attn_mask=allowed, scale=scale)
     if allowed is not None:  # rows with no allowed key: zeros, not NaN
         out = out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     return out.reshape(B, N, H, Fr, Dh).permute(0, 3, 1, 2, 4).contiguous()
@@ -78,9 +78,9 @@ def temporal_attention_ref(
 
 def temporal_attention_qkv_ref(
     qkv: torch.Tensor,
-    causal: bool = False,
     key_mask: torch.Tensor | None = None,
+    causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
     """temporal_attention_ref on q, k, v = qkv.unbind(3) of a (B,F,N,3,H,Dh) qkv buffer."""
-    return temporal_attention_ref(*qkv.unbind(3), causal=causal, key_mask=key_mask, scale=scale)
+    return temporal_attention_ref(*qkv.unbind(3), key_mask, causal, scale)

@@ -8,7 +8,7 @@ some GPU never trains a model silently. Costs a few tiny launches per (op, devic
 `FVDM_SELF_CHECK=0` or `set_self_check(False)` turns it off.
 
 The kernels themselves are tested on the CPU through the CUDA emulation
-(tests/test_cuda_emulation.py); this check is for what only the hardware can get wrong
+(the `cuda_emu` device of tests/test_op_*.py); this check is for what only the hardware can get wrong
 (compiler, architecture, driver).
 """
 
@@ -159,7 +159,7 @@ def _check_attention(ops, device, dtype) -> None:
         mask = torch.tensor([[True, False, True, True, True, True, False, True]], device=device)
         scale = Dh**-0.5
         out, lse = ops.temporal_attention_qkv(qkv, mask, True, scale)
-        fn = lambda a, b, c: R.temporal_attention_ref(a, b, c, True, mask, scale)  # noqa: E731
+        fn = lambda a, b, c: R.temporal_attention_ref(a, b, c, mask, True, scale)  # noqa: E731
         _compare("temporal_attention", f"out (Dh={Dh})", out, fn(q, k, v), fn(q.double(), k.double(), v.double()),
                  device)
         go = _rand(out.shape, dtype, device, 7)

@@ -18,13 +18,14 @@ def temporal_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    causal: bool = False,
     key_mask: torch.Tensor | None = None,
+    causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v along F. q, k, v: (B, F, N, H, Dh), any strides with a contiguous
-    last dim (e.g. ``qkv.unbind(3)`` of a (B, F, N, 3, H, Dh) buffer). causal: frame i sees
-    frames <= i. key_mask: (B, F) bool, true = may be attended. scale: default 1/sqrt(Dh).
+    last dim (e.g. ``qkv.unbind(3)`` of a (B, F, N, 3, H, Dh) buffer). key_mask: (B, F) bool,
+    true = may be attended. causal: frame i sees frames <= i. scale: default 1/sqrt(Dh). The
+    arguments are in the order of the op's schema (fvdm::temporal_attention).
     Returns (B, F, N, H, Dh) contiguous. A query with no allowed key gets zeros.
 
     Non-finite inputs: NaN reaches the output rows it reaches in the reference, plus one case
@@ -49,8 +50,8 @@ def _default_scale(t: torch.Tensor, name: str) -> float:
 
 def temporal_attention_qkv(
     qkv: torch.Tensor,
-    causal: bool = False,
     key_mask: torch.Tensor | None = None,
+    causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
     """temporal_attention on q, k, v = qkv.unbind(3) of a (B, F, N, 3, H, Dh) buffer (the qkv
@@ -88,10 +89,12 @@ if HAS_C:
 
     def _attn_backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse, key_mask = ctx.saved_tensors
+        # One kernel writes dq, dk and dv and reads every saved tensor for any of them.
         dq, dk, dv = torch.ops.fvdm.temporal_attention_backward(
             grad_out, q, k, v, out, lse, key_mask, ctx.causal, ctx.scale
         )
-        return dq, dk, dv, None, None, None
+        need = ctx.needs_input_grad
+        return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None
 
     torch.library.register_autograd("fvdm::temporal_attention", _attn_backward, setup_context=_attn_setup)
 
