@@ -46,10 +46,9 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def write_mp4(path: Path, frames: int, size: int) -> None:
-    from fvdm import media
-
+    from fvdm.io import pixels
     video = torch.linspace(-1, 1, frames)[:, None, None, None].expand(frames, 3, size, size)
-    media.save_video(path, video, fps=4, scale=1)
+    pixels.save_video(path, video, fps=4, scale=1)
 
 
 def test_sample_every_task_writes_outputs(capsys, run_dir, tmp_path):

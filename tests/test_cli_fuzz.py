@@ -101,11 +101,10 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    from fvdm import media
-
+    from fvdm.io import pixels
     root = tmp_path_factory.mktemp("files")
-    media._save_png(root / "small.png", np.zeros((8, 8, 3), np.uint8))
-    media._save_png(root / "big.png", np.zeros((16, 12, 3), np.uint8))
+    pixels._save_png(root / "small.png", np.zeros((8, 8, 3), np.uint8))
+    pixels._save_png(root / "big.png", np.zeros((16, 12, 3), np.uint8))
     (root / "junk.mp4").write_bytes(b"not a video")
     (root / "empty").mkdir()
     return {"small.png": root / "small.png", "big.png": root / "big.png", "junk.mp4": root / "junk.mp4",

@@ -67,7 +67,7 @@ def test_save_and_reload_round_trip(tmp_path):
 
 
 def test_the_model_section_is_the_models_own_config_less_the_data_geometry():
-    from fvdm.build import build_model
+    from fvdm.pipeline.build import build_model
     from fvdm.models import ModelConfig
 
     cfg = load_config("demo_cpu")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fvdm.convert import fit_state, from_fvdm_names, import_checkpoint, infer_architecture, to_fvdm_names
 from fvdm.errors import UserError
 from fvdm.models import latte
-from fvdm.runs import load_run
+from fvdm.pipeline.runs import load_run
 from helpers import cli
 
 # ----------------------------------------------------------------------------- the official layout as data

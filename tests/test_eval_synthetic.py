@@ -27,7 +27,7 @@ from fvdm.eval.synthetic import (
     psnr,
     ssim,
 )
-from fvdm.runs import load_run
+from fvdm.pipeline.runs import load_run
 from fvdm.train.trainer import train
 from test_cli import TINY, cli
 

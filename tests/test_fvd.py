@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fvdm import media
+from fvdm.io import pixels
 from fvdm.errors import UserError
 from fvdm.eval.frechet import FeatureStats, frechet_distance, frechet_from_stats
 from fvdm.eval.fvd import FolderClips, evaluate, load_i3d, load_inception
@@ -226,7 +226,7 @@ def write_videos(root: Path, count: int, frames: int, seed: int = 0, dark: bool 
     for i in range(count):
         video = clip_pixels(rng, frames, dark=dark)
         if kind == "mp4":
-            media.save_video(root / f"video_{i:03d}.mp4", video, fps=4, scale=1)
+            pixels.save_video(root / f"video_{i:03d}.mp4", video, fps=4, scale=1)
         else:
             (root / f"video_{i:03d}").mkdir()
             for f, frame in enumerate(video):
@@ -324,8 +324,8 @@ def test_frames_of_different_sizes_in_one_set_are_an_error(nets, tmp_path):
     root = tmp_path / "mixed"
     root.mkdir()
     rng = np.random.default_rng(0)
-    media.save_video(root / "a.mp4", clip_pixels(rng, 4), fps=4, scale=1)
-    media.save_video(root / "b.mp4", clip_pixels(rng, 4, size=24), fps=4, scale=1)
+    pixels.save_video(root / "a.mp4", clip_pixels(rng, 4), fps=4, scale=1)
+    pixels.save_video(root / "b.mp4", clip_pixels(rng, 4, size=24), fps=4, scale=1)
     clips = FolderClips(root, role="real", option="--real", num_clips=2, num_frames=4)
     with pytest.raises(UserError, match="one frame size"):
         list(clips.batches(batch_size=2))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fvdm import media
+from fvdm.io import plots
 from test_cli import TINY, cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -102,5 +102,5 @@ def test_schedule_plot_and_readme_agree_on_the_clean_time():
     flat = " ".join(README.read_text().split())
     sentence = flat[flat.index("in `schedule.png` their column"):][:300]
     assert "t = -1" in sentence and "shown them at t = 0" in sentence
-    assert "-1 = clean" in media.SCHEDULE_LABELS["ddpm"]
-    assert "t = -1" in media.HELD_LABELS["ddpm"] and "sees t = 0" in media.HELD_LABELS["ddpm"]
+    assert "-1 = clean" in plots.SCHEDULE_LABELS["ddpm"]
+    assert "t = -1" in plots.HELD_LABELS["ddpm"] and "sees t = 0" in plots.HELD_LABELS["ddpm"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fvdm import media
+from fvdm.io import pixels
 from fvdm.data.video_folder import read_frames, read_video
 from fvdm.eval import i3d
 from test_cli import cli
@@ -61,8 +61,8 @@ def test_train_on_a_folder_of_mp4_files_then_sample(capsys, tmp_path, my_videos)
 def test_train_on_vae_latents_of_mp4_files(tmp_path, my_videos):
     diffusers = pytest.importorskip("diffusers")
     from fvdm.config import load_config
-    from fvdm.generate import generate
-    from fvdm.runs import load_run
+    from fvdm.pipeline.generate import generate
+    from fvdm.pipeline.runs import load_run
     from fvdm.train.trainer import train
 
     vae = diffusers.AutoencoderKL(
@@ -87,7 +87,7 @@ def segments(src: Path, dest: Path, length: int, count: int, stride: int = 1, of
     frames = read_frames(src, list(range(offset, offset + length * count * stride, stride)))
     dest.mkdir(parents=True)
     for k in range(count):
-        media.save_video(dest / f"part_{k}.mp4", frames[k * length:(k + 1) * length], fps=25, scale=1)
+        pixels.save_video(dest / f"part_{k}.mp4", frames[k * length:(k + 1) * length], fps=25, scale=1)
     return dest
 
 

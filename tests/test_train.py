@@ -103,7 +103,7 @@ def test_train_writes_outputs_and_refuses_to_clobber(tmp_path):
 def test_sample_use_ema_picks_the_weights_and_the_flag_overrides_it(tmp_path):
     """sample.use_ema decides which weights load_run (so `sample`, `eval`) and the training
     previews use; --ema / --no-ema override it."""
-    from fvdm.runs import load_run
+    from fvdm.pipeline.runs import load_run
 
     run = tmp_path / "run"
     train(tiny("train.steps=3", "train.ckpt_every=3", "sample.use_ema=false"), run, progress=False)
@@ -219,15 +219,15 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_reported(tmp_path):
 
 def test_class_conditional_training_on_a_video_folder(tmp_path):
     """Labels from root/<class>/<video>, label dropout, then guided sampling of a class."""
-    from fvdm import media
-    from fvdm.generate import generate
-    from fvdm.runs import load_run
+    from fvdm.io import pixels
+    from fvdm.pipeline.generate import generate
+    from fvdm.pipeline.runs import load_run
 
     for c, name in enumerate(("Archery", "Bowling")):
         for v in range(2):
             level = -0.8 + 1.6 * c
             video = torch.full((6, 3, 8, 8), level) + 0.1 * torch.linspace(0, 1, 6)[:, None, None, None]
-            media.save_video(tmp_path / "data" / name / f"v{v}.mp4", video, fps=4, scale=1)
+            pixels.save_video(tmp_path / "data" / name / f"v{v}.mp4", video, fps=4, scale=1)
     run = tmp_path / "run"
     # self-conditioning too: its first pass sees only some clips, so their labels must follow
     cfg = tiny("data.kind=videos", f"data.root={tmp_path / 'data'}", "model.num_classes=2", "train.steps=2",
@@ -254,9 +254,9 @@ def test_training_and_sampling_on_vae_latents(tmp_path):
         sample_size=8,
     )
     vae.save_pretrained(tmp_path / "vae")
-    from fvdm.build import build_model
-    from fvdm.generate import generate
-    from fvdm.runs import load_run
+    from fvdm.pipeline.build import build_model
+    from fvdm.pipeline.generate import generate
+    from fvdm.pipeline.runs import load_run
 
     cfg = tiny(f"data.vae={tmp_path / 'vae'}", "data.num_videos=8", "train.steps=2", "train.ckpt_every=2")
     assert build_model(cfg).config.in_channels == 4 and build_model(cfg).config.input_size == 4

@@ -223,42 +223,9 @@ def bench_model(
             bar.update(task, description=f"{size} {name} (own process)")
             rows.extend(mb.run(cfg, [name]))
             bar.advance(task)
-    base = {r["variant"]: r for r in rows if "error" not in r}
-    table = Table(title=f"fvdm model {size}, B{batch} F{frames} {cfg.latent_size}x{cfg.latent_size}x{cfg.channels}, {dtype}, "
-                        f"{gelu} GELU, {dev.type}")
-    mem_key = "train_step_peak_mib" if dev.type == "cuda" else "peak_rss_mib"
-    for col in ["variant", "train step ms", "sample step ms", "peak MiB", "train vs fused"]:
-        table.add_column(col, justify="left" if col == "variant" else "right")
-    for r in rows:
-        if "error" in r:
-            table.add_row(r["variant"], f"[red]{r['error']}[/]", "", "", "")
-            continue
-        ratio = r["train_step_ms"] / base["fused"]["train_step_ms"] if "fused" in base else None
-        table.add_row(r["variant"], f"{r['train_step_ms']:.1f}", f"{r['sample_step_ms']:.1f}", f"{r[mem_key]:.0f}",
-                      f"{ratio:.2f}x" if ratio else "-")
-    console.print(table)
-    extra = {}
-    if profile:
-        prof = Table(title="one training step's operator time by class, ms (profiled)")
-        for col in ["variant", *mb.OP_CLASSES, "total", "linear share"]:
-            prof.add_column(col, justify="left" if col == "variant" else "right")
-        for r in rows:
-            ms = r.get("train_step_profile_ms")
-            if ms:
-                total = sum(ms.values())
-                prof.add_row(r["variant"], *(f"{ms[c]:.1f}" for c in mb.OP_CLASSES), f"{total:.1f}",
-                             f"{100 * ms['linear'] / total:.0f}%")
-        console.print(prof)
-        bound = mb.fused_ops_free_speedup(rows)
-        if bound is not None:
-            extra["fused_ops_free_speedup"] = bound
-            console.print(f"with fvdm's ops taking no time at all, the fused step would be {bound:.2f}x the "
-                          "reference step (the most the fused operators can give at this shape)")
-    if "fused" in base:
-        for other in ("reference", "compiled"):
-            if other in base:
-                for k in ("train_step_ms", "sample_step_ms"):
-                    base["fused"][f"{k.split('_ms')[0]}_speedup_vs_{other}"] = base[other][k] / base["fused"][k]
+    shown, extra = mb.report(rows, cfg)
+    for item in shown:
+        console.print(item)
     name = f"model-{size.replace('/', '')}-{dtype}" + ("-tanh" if gelu == "tanh" else "")
     path = write_results(name, dev, {"config": vars(cfg), "rows": rows, **extra}, out)
     console.print(f"results written to {path}")
@@ -305,7 +272,7 @@ def bench_ablation(
         table.add_row(task if task != last else "", metric, *cells, "" if truth is None else f"{truth:.3f}")
         last = task
     console.print(table)
-    from fvdm.build import resolve_device
+    from fvdm.pipeline.build import resolve_device
 
     path = write_results(f"ablation-{cfg.name}", resolve_device(device), {"config": config, "overrides": overrides or [],
                                                        "train_steps": cfg.train.steps, "batch": cfg.train.batch_size,
@@ -409,9 +376,9 @@ def sample(
     overwritten. Without --image / --video the conditioning frames come from held-out clips of
     the run's data (seed data.seed + 1). Sampler settings not given here come from the run's
     config.yaml (its sample section)."""
-    from fvdm.generate import TASKS, generate
+    from fvdm.pipeline.generate import TASKS, generate
     from fvdm.progress import progress_bar
-    from fvdm.runs import data_condition, image_condition, load_run, video_condition, write_outputs
+    from fvdm.pipeline.runs import data_condition, image_condition, load_run, video_condition, write_outputs
 
     from fvdm.diffusion import CONDITIONING
 
@@ -513,14 +480,14 @@ def _undertrained_note(loaded, run: Path) -> str:
     if loaded.step >= planned:
         return ""
     why = "training stopped early"
-    from fvdm import media
+    from fvdm.io import atomic
     from fvdm.train.trainer import TRAIN_LOG
 
     from fvdm.errors import UserError
 
     log = run / TRAIN_LOG
     try:
-        ends = [r for r in (media.read_jsonl(log) if log.is_file() else []) if r.get("event") == "end"]
+        ends = [r for r in (atomic.read_jsonl(log) if log.is_file() else []) if r.get("event") == "end"]
     except UserError:  # an unreadable log only costs the reason
         ends = []
     if ends and ends[-1].get("reason") == "max_minutes":
@@ -574,7 +541,7 @@ def _sprite_summary(cfg, videos: torch.Tensor, name: str) -> str:
     if cfg.data.kind != "sprites":
         return ""
     from fvdm.eval.sprites import expected_sprites, score_videos, thresholds_for
-    from fvdm.runs import held_out_dataset
+    from fvdm.pipeline.runs import held_out_dataset
 
     ds = held_out_dataset(cfg, cfg.data.num_frames)
     n = score_videos(videos, expected=expected_sprites(ds), th=thresholds_for(ds))
@@ -595,7 +562,7 @@ def eval_loss(
     import json
 
     from fvdm.eval.loss import held_out_loss
-    from fvdm.runs import load_run
+    from fvdm.pipeline.runs import load_run
 
     loaded = load_run(run, ckpt, use_ema=ema, device=_device_option(device))
     rows = held_out_loss(loaded.model, loaded.cfg, num_clips=clips, seed=seed,
@@ -607,9 +574,8 @@ def eval_loss(
         table.add_row(name, f"{value:.5f}")
     console.print(table)
     out = Path(run) / "eval" / "loss.json"
-    from fvdm import media
-
-    media.write_json(out, {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": loaded.ema, "seed": seed,
+    from fvdm.io import atomic
+    atomic.write_json(out, {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": loaded.ema, "seed": seed,
                            "clips": clips, "loss": rows})
     console.print(f"written to {out}")
 
@@ -646,10 +612,10 @@ def eval_synthetic(
     FVD (on by default) also sends 48 clips (16 generated, 2 x 16 held-out) through the built-in
     I3D: about 4 minutes more at the 5.1 s a clip measured on 2 CPU cores; --no-i3d-fvd leaves
     it out."""
-    from fvdm import media
+    from fvdm.io import atomic
     from fvdm.eval.synthetic import TASKS, evaluate_synthetic
     from fvdm.progress import progress_bar
-    from fvdm.runs import load_run
+    from fvdm.pipeline.runs import load_run
 
     from fvdm.diffusion import CONDITIONING
 
@@ -691,7 +657,7 @@ def eval_synthetic(
         console.print("* inf: the tracker could not measure this in at least half of the videos (their sprite "
                       "vanished or was seen in too few frames), so the median is unbounded; null in the JSON")
     path = out or Path(run) / "eval" / "synthetic.json"
-    media.write_json(path, {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": loaded.ema, "seed": seed,
+    atomic.write_json(path, {"checkpoint": str(loaded.checkpoint), "step": loaded.step, "ema": loaded.ema, "seed": seed,
                             "videos": videos, "steps": steps or loaded.cfg.sample.steps, "conditioning": conditioning,
                             "i3d": detector.describe() if detector else None, "results": results,
                             **({"interrupted": True} if interrupted else {})})
@@ -705,7 +671,7 @@ def eval_synthetic(
 def _synthetic_i3d(device: str):
     """The built-in I3D for the I3D FVD of eval synthetic and bench ablation; a missing weight
     file says how to install it or how to go without."""
-    from fvdm.build import resolve_device
+    from fvdm.pipeline.build import resolve_device
     from fvdm.errors import UserError
     from fvdm.eval.fvd import builtin_i3d
 
@@ -748,8 +714,8 @@ def eval_fvd(
     of DeepMind's Kinetics-400 network unless --i3d names StyleGAN-V's TorchScript."""
     import contextlib
 
-    from fvdm import media
-    from fvdm.build import resolve_device
+    from fvdm.io import atomic
+    from fvdm.pipeline.build import resolve_device
     from fvdm.eval import fvd as F
 
     if (fake is None) == (ckpt is None):
@@ -758,7 +724,7 @@ def eval_fvd(
     detector = F.load_i3d(i3d, dev)
     frame_detector = F.load_inception(inception, dev) if inception is not None else None
     if ckpt is not None:
-        from fvdm.runs import load_run
+        from fvdm.pipeline.runs import load_run
 
         loaded = load_run(ckpt, device=str(dev))
         stride = loaded.cfg.data.frame_stride if subsample is None else subsample
@@ -787,7 +753,7 @@ def eval_fvd(
     if out is None:
         out = F.default_output(result, F.run_dir_of(loaded.checkpoint) if ckpt is not None else None,
                                loaded.step if ckpt is not None else None)
-    media.write_json(out, result)
+    atomic.write_json(out, result)
     for note in result["frechet"]["notes"]:
         console.print(f"note: {note}")
     line = f"[bold]{result['metric']}[/] = {result['fvd']:.4f}"

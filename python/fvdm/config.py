@@ -312,15 +312,14 @@ def save_config(cfg: Config, path: Path) -> bool:
     """Write `cfg` to `path` atomically (temporary file, fsync, rename), and only if the file
     does not already hold exactly this config; True if it was written. A failed write (full
     disk) leaves the old file whole and raises UserError."""
-    from fvdm import media
-
+    from fvdm.io import atomic
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     try:
         if path.read_bytes() == text.encode("utf-8"):
             return False
     except OSError:
         pass  # absent or unreadable: write it
-    media.write_text(path, text)
+    atomic.write_text(path, text)
     return True
 
 

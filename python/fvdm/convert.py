@@ -371,7 +371,7 @@ def import_checkpoint(
     (UserError, one line) a checkpoint that does not fill the model exactly unless
     allow_partial, which leaves the rest at the initial values train would draw and reports
     which tensors were loaded and which were not. step: the step the run resumes from."""
-    from fvdm.build import build_model, model_input_shape, vae_geometry
+    from fvdm.pipeline.build import build_model, model_input_shape, vae_geometry
     from fvdm.train.checkpoint import list_checkpoints, save_checkpoint
 
     if layout not in ("auto",) + LAYOUTS:
@@ -538,7 +538,7 @@ def export_checkpoint(run: str | Path, out: str | Path, *, layout: str = "offici
     """Write the weights of an fvdm run (its latest good checkpoint, or `checkpoint`) as a `.pt`
     in the official FVDM (or Latte) layout: {"ema": ..., "model": ...} of plain tensors, with
     both position tables, loadable by the official scripts (which read "ema")."""
-    from fvdm.build import build_model
+    from fvdm.pipeline.build import build_model
     from fvdm.errors import CheckpointError
     from fvdm.train.checkpoint import find_latest, load_checkpoint
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fvdm.config import Config, load_config
 from fvdm.eval.synthetic import GENERATION_TASKS, evaluate_synthetic
-from fvdm.runs import load_run
+from fvdm.pipeline.runs import load_run
 from fvdm.train.trainer import train
 
 # arm name -> (PTSS p, conditioning ways it is scored)

@@ -165,3 +165,48 @@ def run(cfg: ModelBenchConfig, variants=VARIANTS) -> list[dict]:
         proc.join()
         rows.append(row)
     return rows
+
+
+def report(rows: list[dict], cfg: ModelBenchConfig) -> tuple[list, dict]:
+    """What `fvdm bench model` prints (rich Tables and lines) for the rows of run(), and the
+    extra keys of its results file; each fused row gains its speedups over the other variants."""
+    from rich.table import Table
+
+    shown: list = []
+    extra: dict = {}
+    base = {r["variant"]: r for r in rows if "error" not in r}
+    table = Table(title=f"fvdm model {cfg.size}, B{cfg.batch} F{cfg.frames} {cfg.latent_size}x{cfg.latent_size}"
+                        f"x{cfg.channels}, {cfg.dtype}, {cfg.gelu} GELU, {cfg.device}")
+    mem_key = "train_step_peak_mib" if cfg.device == "cuda" else "peak_rss_mib"
+    for col in ["variant", "train step ms", "sample step ms", "peak MiB", "train vs fused"]:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["variant"], f"[red]{r['error']}[/]", "", "", "")
+            continue
+        ratio = r["train_step_ms"] / base["fused"]["train_step_ms"] if "fused" in base else None
+        table.add_row(r["variant"], f"{r['train_step_ms']:.1f}", f"{r['sample_step_ms']:.1f}", f"{r[mem_key]:.0f}",
+                      f"{ratio:.2f}x" if ratio else "-")
+    shown.append(table)
+    if cfg.profile:
+        prof = Table(title="one training step's operator time by class, ms (profiled)")
+        for col in ["variant", *OP_CLASSES, "total", "linear share"]:
+            prof.add_column(col, justify="left" if col == "variant" else "right")
+        for r in rows:
+            ms = r.get("train_step_profile_ms")
+            if ms:
+                total = sum(ms.values())
+                prof.add_row(r["variant"], *(f"{ms[c]:.1f}" for c in OP_CLASSES), f"{total:.1f}",
+                             f"{100 * ms['linear'] / total:.0f}%")
+        shown.append(prof)
+        bound = fused_ops_free_speedup(rows)
+        if bound is not None:
+            extra["fused_ops_free_speedup"] = bound
+            shown.append(f"with fvdm's ops taking no time at all, the fused step would be {bound:.2f}x the "
+                         "reference step (the most the fused operators can give at this shape)")
+    if "fused" in base:
+        for other in ("reference", "compiled"):
+            if other in base:
+                for k in ("train_step_ms", "sample_step_ms"):
+                    base["fused"][f"{k.split('_ms')[0]}_speedup_vs_{other}"] = base[other][k] / base["fused"][k]
+    return shown, extra

@@ -326,8 +326,8 @@ class GeneratedClips(ClipSource):
         self.resolution: tuple[int, int] | None = None
 
     def batches(self, batch_size: int, progress: Progress | None = None) -> Iterator[torch.Tensor]:
-        from fvdm import media
-        from fvdm.generate import generate
+        from fvdm.io import pixels
+        from fvdm.pipeline.generate import generate
 
         model, cfg = self.loaded.model, self.loaded.cfg
         device = next(model.parameters()).device
@@ -344,7 +344,7 @@ class GeneratedClips(ClipSource):
 
             result = generate(model, cfg, "unconditional", num_videos=n, seed=seed, device=device, labels=labels,
                               codec=self.loaded.codec, callback=step)
-            video = torch.from_numpy(media.to_uint8(result.video[:, : self.num_frames]))  # (n, T, H, W, 3)
+            video = torch.from_numpy(pixels.to_uint8(result.video[:, : self.num_frames]))  # (n, T, H, W, 3)
             self.resolution = tuple(video.shape[2:4])
             done += n
             for start in range(0, n, batch_size):

@@ -431,10 +431,9 @@ def _read_cache(path: Path, sha256: str) -> dict[str, torch.Tensor] | None:
 def _write_cache(path: Path, state: dict[str, torch.Tensor], sha256: str, source: Path) -> None:
     from safetensors.torch import save_file
 
-    from fvdm import media
-
+    from fvdm.io import atomic
     try:
-        with media.atomic_path(path) as tmp:
+        with atomic.atomic_path(path) as tmp:
             save_file(state, str(tmp), metadata={"source_sha256": sha256, "source": str(source),
                                                  "format": CACHE_FORMAT})
     except UserError as e:  # no writable cache: work without one

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from fvdm.build import build_schedule, num_timesteps_for_training
+from fvdm.pipeline.build import build_schedule, num_timesteps_for_training
 from fvdm.config import Config
 from fvdm.diffusion import diffusion_loss, sample_timesteps
-from fvdm.runs import data_condition
+from fvdm.pipeline.runs import data_condition
 
 
 @torch.no_grad()

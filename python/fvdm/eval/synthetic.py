@@ -40,14 +40,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fvdm.build import build_schedule
+from fvdm.pipeline.build import build_schedule
 from fvdm.data import MovingSprites
 from fvdm.diffusion import DDPMSchedule, noised_input, predict_x0_eps
 from fvdm.errors import UserError
 from fvdm.eval.frechet import FeatureStats, frechet_from_stats
 from fvdm.eval.sprites import Thresholds, expected_sprites, frame_blobs, score_videos, thresholds_for
-from fvdm.generate import generate
-from fvdm.runs import LoadedRun, held_out_dataset
+from fvdm.pipeline.generate import generate
+from fvdm.pipeline.runs import LoadedRun, held_out_dataset
 
 GENERATION_TASKS = ("unconditional", "i2v", "interpolate", "extend", "long")
 TASKS = (*GENERATION_TASKS, "identity")  # identity probes the denoiser; it samples nothing
@@ -145,11 +145,10 @@ _I3D_MEMO_SIZE = 8
 
 def i3d_clips(videos: torch.Tensor) -> torch.Tensor:
     """(B, F, C, H, W) pixels in [-1, 1] -> uint8 (B, 3, T, H, W) as FVD feeds the I3D: FVDM's
-    byte rule (media.to_uint8), grey repeated to 3 channels, and, for clips shorter than the
+    byte rule (pixels.to_uint8), grey repeated to 3 channels, and, for clips shorter than the
     I3D's 9 frames, every frame repeated (nearest neighbour in time: 8 frames -> 16)."""
-    from fvdm import media
-
-    x = torch.from_numpy(media.to_uint8(videos)).permute(0, 4, 1, 2, 3)
+    from fvdm.io import pixels
+    x = torch.from_numpy(pixels.to_uint8(videos)).permute(0, 4, 1, 2, 3)
     if x.shape[2] < I3D_MIN_FRAMES:
         x = x.repeat_interleave(math.ceil(I3D_MIN_FRAMES / x.shape[2]), dim=2)
     return x.contiguous()

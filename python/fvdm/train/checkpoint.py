@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 
 import fvdm
 from fvdm.errors import CheckpointError
-from fvdm.media import fsync_dir
+from fvdm.io.atomic import fsync_dir
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "verify_checkpoint", "find_latest",
            "scan_checkpoints", "list_checkpoints", "step_dir_name", "is_step_dir", "state_dict_mismatch"]

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from fvdm import media
-from fvdm.build import build_dataset, build_model, build_schedule, num_timesteps_for_training, resolve_device
+from fvdm.io import atomic, pixels, plots
+from fvdm.pipeline.build import build_dataset, build_model, build_schedule, num_timesteps_for_training, resolve_device
 from fvdm.config import Config, from_dict, read_config_file, save_config
 from fvdm.diffusion import clean_prefix_mask, diffusion_loss, min_snr_weights, sample_timesteps
 from fvdm.errors import UserError
@@ -177,7 +177,7 @@ class Trainer:
         if self.world.is_main:
             # Written once the checkpoint is known to fit; not rewritten when unchanged (resume).
             save_config(self.cfg, self.run_dir / "config.yaml")
-            dropped = media.truncate_jsonl(self.run_dir / "metrics.jsonl", lambda r: r.get("step", 0) <= self.step)
+            dropped = atomic.truncate_jsonl(self.run_dir / "metrics.jsonl", lambda r: r.get("step", 0) <= self.step)
             if dropped:
                 self._log(f"metrics.jsonl: dropped {dropped} records of steps after {self.step} (written after "
                           "the checkpoint; they are trained again)")
@@ -384,7 +384,7 @@ class Trainer:
                                   "lr": stats["lr"], "it_per_s": window_steps / max(elapsed, 1e-9), "time": time.time()}
                         window_t0, window_steps = time.perf_counter(), 0
                         if self.world.is_main:
-                            media.append_jsonl(metrics_path, record)
+                            atomic.append_jsonl(metrics_path, record)
                         bar.update(task, loss=record["loss"])
                     bar.update(task, completed=self.step)
                     stop = distributed.any_flag(self._stop_signal is not None, self.world, self.device)
@@ -423,7 +423,7 @@ class Trainer:
             import datetime
 
             now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            media.append_jsonl(self.run_dir / TRAIN_LOG, {"time": now, **record})
+            atomic.append_jsonl(self.run_dir / TRAIN_LOG, {"time": now, **record})
 
     def preview(self) -> Path | None:
         """A grid of samples (rows: videos, columns: frames) in samples/step_*.png, from the
@@ -432,7 +432,7 @@ class Trainer:
         if not self.world.is_main:
             distributed.barrier(self.world)
             return None
-        from fvdm.generate import Codec, generate
+        from fvdm.pipeline.generate import Codec, generate
 
         tc = self.cfg.train
         codec = Codec(getattr(self.dataset, "vae", None))  # latents are decoded to pixels
@@ -442,15 +442,15 @@ class Trainer:
                           steps=tc.sample_steps, seed=tc.seed, device=self.device, codec=codec)
         model.train(training)  # generate() put it in eval mode
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
-        media.save_contact_sheet(path, videos.video, held=videos.held)
+        pixels.save_contact_sheet(path, videos.video, held=videos.held)
         distributed.barrier(self.world)
         return path
 
     def _write_plots(self, metrics_path: Path) -> None:
         if self.world.is_main and metrics_path.exists():
-            records = media.read_jsonl(metrics_path)
+            records = atomic.read_jsonl(metrics_path)
             if records:
-                media.save_loss_curve(self.run_dir / "loss.png", records)
+                plots.save_loss_curve(self.run_dir / "loss.png", records)
 
     # ------------------------------------------------------------------ signals, output
 

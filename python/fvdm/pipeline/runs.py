@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from fvdm import media
-from fvdm.build import build_dataset, build_model, resolve_device
+from fvdm.io import pixels, plots
+from fvdm.pipeline.build import build_dataset, build_model, resolve_device
 from fvdm.config import Config, from_dict, load_config
 from fvdm.errors import CheckpointError, UserError
-from fvdm.generate import Codec, Generated
+from fvdm.pipeline.generate import Codec, Generated
 from fvdm.train.checkpoint import find_latest, is_step_dir, load_checkpoint, state_dict_mismatch
 
 
@@ -132,12 +132,12 @@ def write_outputs(out_dir: Path, result: Generated, fps: int = 8) -> dict[str, l
     for i, video in enumerate(result.video):
         for ext in ("mp4", "gif"):
             p = out_dir / f"video_{i:03d}.{ext}"
-            media.save_video(p, video, fps=fps)
+            pixels.save_video(p, video, fps=fps)
             written["videos"].append(p)
     sheet = out_dir / "contact_sheet.png"
-    media.save_contact_sheet(sheet, result.video, held=result.held)
+    pixels.save_contact_sheet(sheet, result.video, held=result.held)
     sched = out_dir / "schedule.png"
-    media.save_schedule_matrix(sched, result.S, held=result.S_held,
+    plots.save_schedule_matrix(sched, result.S, held=result.S_held,
                                title=f"{result.task}: per-frame noise level per sampler step")
     written["images"] += [sheet, sched]
     return written

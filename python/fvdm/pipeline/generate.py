@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from fvdm.build import build_schedule
+from fvdm.pipeline.build import build_schedule
 from fvdm.config import Config
 from fvdm.diffusion import (
     classifier_free_guidance,
