@@ -1,16 +1,18 @@
 """Latte-style video DiT with per-frame timesteps (FVDM's vectorized timestep variable).
 
 Read top to bottom: embedders -> attention -> block -> final layer -> model ->
-sin-cos helpers -> presets.
+sin-cos helpers -> latte() (a named size). The configuration, with the size presets, is
+fvdm.models.config.ModelConfig.
 
 Activations live in one layout, x (B, F, N, D): batch, frames, tokens per frame, width.
 Spatial blocks attend over N by viewing it as (B*F, N, D); temporal blocks attend over F with
 the fused op reading q, k, v in place from the (B, F, N, 3, H, Dh) qkv projection. Nothing is
 rearranged between blocks. Every block is conditioned per frame: t (B, F) -> c (B, F, D) ->
-six (B, F, D) adaLN-zero vectors, applied through the backend's adaln_modulate and
-gated_residual, so a frame's timestep reaches only that frame's modulation.
+six (B, F, D) adaLN-zero vectors, applied through the operator set's adaln_modulate and
+gated_residual (the set is chosen once, when the model is built, and held by every block), so
+a frame's timestep reaches only that frame's modulation.
 
-The configuration is fvdm.models.config.ModelConfig. Blocks follow config.block_pattern, cycled over the depth: the default "ST" alternates
+Blocks follow config.block_pattern, cycled over the depth: the default "ST" alternates
 spatial, temporal, spatial, ... (block i is temporal when i is odd), so a Latte depth of 28 is
 14 spatial + 14 temporal blocks; depth 1 is a per-frame image DiT. "J" is a joint space-time
 block (every token of a clip attends to every other, SDPA over F*N tokens): affordable only
