@@ -15,13 +15,13 @@ CUDA_TORCH_SPEC ?= torch==2.14.1
 CUDA_HOME ?= /usr/local/cuda
 CUDA_ARCHS ?= 8.0;9.0
 
-.PHONY: demo test build bench cuda-build cuda-check gpu-check cuda-emu test-cuda-emu clean
+.PHONY: demo test build bench cuda-build cuda-check gpu-check cuda-emu test-cuda-emu avx512-emu test-avx512-emu clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q pybind11 ninja cmake numpy pytest hypothesis typer rich pyyaml safetensors av pillow matplotlib diffusers scipy
+	$(PIP) install -q pybind11 ninja cmake numpy pytest hypothesis typer rich pyyaml safetensors av pillow matplotlib diffusers scipy cmeel-simde
 	$(PIP) install -q --no-deps $(NODEPS_PKGS)
 	touch $@
 
@@ -36,9 +36,10 @@ demo: build
 	$(PY) -m fvdm train --config demo_cpu --out runs/demo_cpu --resume
 	$(PY) -m fvdm sample all --run runs/demo_cpu
 
-# The suite, then the CUDA kernels run on the CPU by the emulation (below).
-test: build test-cuda-emu
-	$(PY) -m pytest -q -m "not cuda_emu"
+# The suite, then the CUDA kernels run on the CPU by the emulation, and the CPU kernels' AVX-512
+# paths run by the AVX-512 emulation (below).
+test: build test-cuda-emu test-avx512-emu
+	$(PY) -m pytest -q -m "not cuda_emu and not avx512_emu"
 
 # The CUDA kernels and launchers (csrc/kernels/cuda/*.cu) compiled as C++ against the CUDA
 # emulation in csrc/emu/, with AddressSanitizer, and the `cuda_emu` tests (the emulated device of
@@ -56,6 +57,24 @@ cuda-emu: $(VENV)/.deps
 test-cuda-emu: build cuda-emu
 	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 FVDM_CUDA_EMU_LIB=$(abspath $(EMU_BUILD))/libfvdm_cuda_emu.so \
 	  $(PY) -m pytest -q -p no:cacheprovider --capture=sys -m cuda_emu tests/test_op_*.py tests/test_cuda_emulation.py
+
+# The CPU kernels (csrc/kernels/cpu/) built for any x86-64 CPU with their AVX-512 paths on, the
+# intrinsics from SIMDe and csrc/emu/avx512_emu.h, with AddressSanitizer (a masked tail that
+# touches memory past its row is reported), and the `avx512_emu` tests (the emulated device of
+# tests/test_op_*.py, and tests/test_avx512_emulation.py) run with the sanitizer preloaded: CI
+# hosts without AVX-512 run the paths an AVX-512 machine takes.
+AVX512_EMU_BUILD ?= build/avx512-emu
+avx512-emu: $(VENV)/.deps
+	$(VENV)/bin/cmake -S . -B $(AVX512_EMU_BUILD) -GNinja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+	  -DFVDM_AVX512_EMULATION=ON -DPython_EXECUTABLE=$(abspath $(PY)) \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > /dev/null
+	$(VENV)/bin/cmake --build $(AVX512_EMU_BUILD)
+
+test-avx512-emu: build avx512-emu
+	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 \
+	  FVDM_AVX512_EMU_LIB=$(abspath $(AVX512_EMU_BUILD))/libfvdm_avx512_emu.so \
+	  FVDM_AVX512BF16_EMU_LIB=$(abspath $(AVX512_EMU_BUILD))/libfvdm_avx512bf16_emu.so \
+	  $(PY) -m pytest -q -p no:cacheprovider --capture=sys -m avx512_emu tests/test_op_*.py tests/test_avx512_emulation.py
 
 bench: build
 	$(PY) -m fvdm bench kernels
@@ -76,7 +95,7 @@ cuda-build: $(CUDA_VENV)/.deps
 	PYTHONPATH=build/cuda-pkg $(CUDA_VENV)/bin/python -c "import fvdm; i = fvdm.build_info(); assert i['cuda'] and all('cuda' in b for b in i['kernels'].values()), i; print('CUDA kernels compiled for', i['cuda_archs'])"
 
 cuda-check: cuda-build
-	PYTHONPATH=build/cuda-pkg $(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not cuda_emu"
+	PYTHONPATH=build/cuda-pkg $(CUDA_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not cuda_emu and not avx512_emu"
 
 # On a machine with a GPU: the CUDA build, then tools/gpu_check.py (cuda tests, compute-sanitizer
 # memcheck and racecheck, bench kernels and model on the GPU) into

@@ -3,9 +3,13 @@
 #include <torch/library.h>
 
 // The test-only CPU emulation of the CUDA kernels (csrc/emu/) registers the same schemas as
-// fvdm_cuda_emu::*, so it loads beside fvdm._C.
+// fvdm_cuda_emu::*, and the AVX-512 emulation of the CPU kernels as FVDM_AVX512_EMU_NS::*
+// (fvdm_avx512_emu, fvdm_avx512bf16_emu), so they load beside fvdm._C.
 #ifdef FVDM_CUDA_EMULATION
 #define FVDM_LIBRARY(m) TORCH_LIBRARY(fvdm_cuda_emu, m)
+#elif defined(FVDM_AVX512_EMULATION)
+#define FVDM_LIBRARY_NS(ns, m) TORCH_LIBRARY(ns, m)  // expands FVDM_AVX512_EMU_NS first
+#define FVDM_LIBRARY(m) FVDM_LIBRARY_NS(FVDM_AVX512_EMU_NS, m)
 #else
 #define FVDM_LIBRARY(m) TORCH_LIBRARY(fvdm, m)
 #endif

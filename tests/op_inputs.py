@@ -3,9 +3,12 @@
 Devices: the CPU kernels (`cpu`), the CUDA kernels on a GPU (`cuda`, marked `cuda`, skipped
 without a GPU and a CUDA build), and the same CUDA kernels executed on the CPU by the emulation
 in csrc/emu/ (`cuda_emu`, marked `cuda_emu`, run by `make test-cuda-emu` in its own process with
-AddressSanitizer preloaded and FVDM_CUDA_EMU_LIB set). A test parametrized over DEVICES calls
-`device.ops` (torch.ops.fvdm, or torch.ops.fvdm_cuda_emu for the emulation, same schemas) and
-compares with fvdm.ops.reference.
+AddressSanitizer preloaded and FVDM_CUDA_EMU_LIB set), and the CPU kernels built with their
+AVX-512 paths on any x86-64 host by the AVX-512 emulation (`avx512_emu`, marked `avx512_emu`, run
+by `make test-avx512-emu` likewise, FVDM_AVX512_EMU_LIB set): the paths a CPU build takes only on
+an AVX-512 machine. A test parametrized over DEVICES calls `device.ops` (torch.ops.fvdm, or
+torch.ops.fvdm_cuda_emu / fvdm_avx512_emu for the emulations, same schemas) and compares with
+fvdm.ops.reference.
 
 On the emulation a case also draws the GPU profile the launchers see and the order warps run
 in (`device.launches()`); `device.start(launch)` applies them and `device.expect_launched(...)`
@@ -30,6 +33,8 @@ SLOW = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCh
 
 # Set by `make test-cuda-emu`, which builds the emulation and preloads the sanitizer it needs.
 EMU_LIB = os.environ.get("FVDM_CUDA_EMU_LIB", "")
+# Set by `make test-avx512-emu` (cmake/FvdmAvx512Emulation.cmake), likewise.
+AVX512_EMU_LIB = os.environ.get("FVDM_AVX512_EMU_LIB", "")
 PROFILES = ("sm_80", "sm_90", "sm_80_small")  # GPU profiles of the emulation; sm_75 has no mma
 ORDERS = (0, 1, 2, 7)  # warps forward, reverse, two shuffles: a missing barrier reads NaN
 
@@ -39,35 +44,40 @@ def _cuda_ready() -> bool:
     return torch.cuda.is_available() and bool(info.get("built") and info.get("cuda"))
 
 
-_emu_loaded = False
+_emu_loaded = set()
 
 
-def _load_emulation():
-    global _emu_loaded
-    if not _emu_loaded:
-        assert Path(EMU_LIB).exists(), f"FVDM_CUDA_EMU_LIB={EMU_LIB} does not exist"
-        torch.ops.load_library(EMU_LIB)
+def load_emulation(lib: str, variable: str, namespace: str):
+    """torch.ops.<namespace>, loading `lib` (named by the environment `variable`) once."""
+    if lib not in _emu_loaded:
+        assert lib and Path(lib).exists(), f"{variable}={lib} does not exist"
+        torch.ops.load_library(lib)
         # Outputs from at::empty start as NaN: an element a kernel fails to write is caught.
         torch.use_deterministic_algorithms(True)
         torch.utils.deterministic.fill_uninitialized_memory = True
-        _emu_loaded = True
-    return torch.ops.fvdm_cuda_emu
+        _emu_loaded.add(lib)
+    return getattr(torch.ops, namespace)
+
+
+def _load_emulation():
+    return load_emulation(EMU_LIB, "FVDM_CUDA_EMU_LIB", "fvdm_cuda_emu")
 
 
 @dataclass(frozen=True)
 class Device:
-    name: str  # "cpu", "cuda" or "cuda_emu"
+    name: str  # "cpu", "cuda", "cuda_emu" or "avx512_emu"
 
     def __str__(self) -> str:
         return self.name
 
     @property
     def emulated(self) -> bool:
+        """The CUDA emulation (GPU profiles, warp orders, a launch log)."""
         return self.name == "cuda_emu"
 
     @property
     def cuda_kernels(self) -> bool:
-        return self.name != "cpu"
+        return self.name in ("cuda", "cuda_emu")
 
     @property
     def tensors(self) -> str:
@@ -76,12 +86,15 @@ class Device:
 
     @property
     def ops(self):
+        if self.name == "avx512_emu":
+            return load_emulation(AVX512_EMU_LIB, "FVDM_AVX512_EMU_LIB", "fvdm_avx512_emu")
         return _load_emulation() if self.emulated else torch.ops.fvdm
 
     def examples(self, n: int, emu: int | None = None) -> int:
         """max_examples of a hypothesis test: n, or `emu` on the emulation (every CUDA thread
-        is a fiber there, so a case costs more)."""
-        return emu if self.emulated and emu is not None else n
+        is a fiber there, and every AVX-512 intrinsic a function over its lanes, so a case
+        costs more)."""
+        return emu if self.name.endswith("_emu") and emu is not None else n
 
     def launches(self, profiles=PROFILES):
         """Strategy for what the emulation's launchers see: (GPU profile, warp order)."""
@@ -116,13 +129,16 @@ class Device:
             assert got == kernels, f"the emulation launched {got}, expected {kernels}"
 
 
-CPU, CUDA, CUDA_EMU = Device("cpu"), Device("cuda"), Device("cuda_emu")
+CPU, CUDA, CUDA_EMU, AVX512_EMU = Device("cpu"), Device("cuda"), Device("cuda_emu"), Device("avx512_emu")
 _CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not _cuda_ready(), reason="needs a GPU and a CUDA build of fvdm._C")]
 _EMU_MARKS = [pytest.mark.cuda_emu,
               pytest.mark.skipif(not EMU_LIB, reason="run by `make test-cuda-emu` (`make test` includes it)")]
+_AVX512_EMU_MARKS = [pytest.mark.avx512_emu,
+                     pytest.mark.skipif(not AVX512_EMU_LIB, reason="run by `make test-avx512-emu` (`make test` includes it)")]
 # Every device the kernels run on; the autograd wiring (torch.ops.fvdm only) on the real ones.
 DEVICES = [pytest.param(CPU, id="cpu"), pytest.param(CUDA, id="cuda", marks=_CUDA_MARKS),
-           pytest.param(CUDA_EMU, id="cuda_emu", marks=_EMU_MARKS)]
+           pytest.param(CUDA_EMU, id="cuda_emu", marks=_EMU_MARKS),
+           pytest.param(AVX512_EMU, id="avx512_emu", marks=_AVX512_EMU_MARKS)]
 AUTOGRAD_DEVICES = DEVICES[:2]
 CUDA_ONLY = [DEVICES[1]]
 

@@ -44,7 +44,7 @@ def _tensor_core(dtype, Dh, F, profile, layout, backward) -> bool:
 
 
 def _frames(device):
-    extra = {"cpu": [3, 9, 24, 40], "cuda": [31, 32, 48, 64, 100, 128], "cuda_emu": []}[device.name]
+    extra = {"cpu": [3, 9, 24, 40], "cuda": [31, 32, 48, 64, 100, 128], "cuda_emu": [], "avx512_emu": [3, 9, 24, 40]}[device.name]
     return st.sampled_from([1, 2, 5, 16, 17, 33, *extra])
 
 

@@ -33,6 +33,11 @@
 #elif defined(FVDM_CUDA_EMULATION)
 #define FVDM_REGISTER_BACKENDS(REGISTER_FN) \
   TORCH_LIBRARY_IMPL(fvdm_cuda_emu, CPU, m) { REGISTER_FN(m); }
+#elif defined(FVDM_AVX512_EMULATION)
+// Test-only build of the CPU kernels on the AVX-512 emulation (csrc/kernels/cpu/simd.h).
+#define FVDM_LIBRARY_IMPL_NS(ns, REGISTER_FN) \
+  TORCH_LIBRARY_IMPL(ns, CPU, m) { REGISTER_FN(m); }
+#define FVDM_REGISTER_BACKENDS(REGISTER_FN) FVDM_LIBRARY_IMPL_NS(FVDM_AVX512_EMU_NS, REGISTER_FN)
 #else
 #define FVDM_REGISTER_BACKENDS(REGISTER_FN) \
   TORCH_LIBRARY_IMPL(fvdm, CPU, m) { REGISTER_FN(m); }

@@ -12,9 +12,7 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__F16C__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace fvdm::cpu {
 
@@ -22,7 +20,7 @@ namespace fvdm::cpu {
 template <typename scalar_t>
 constexpr bool kNeedsConversion = !std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
 
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512F)
 // Mask of the first min(n, 16) lanes of a 16-lane vector (the tail of a row).
 inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u); }
 #endif
@@ -31,7 +29,7 @@ inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : s
 // GCC turns a plain copy loop back into a memcpy call, hence the intrinsics.
 template <typename T>
 inline void copy_row(const T* __restrict__ src, T* __restrict__ dst, int64_t n) {
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512F)
   if constexpr (std::is_same_v<T, float>) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_loadu_ps(src + i));
@@ -45,13 +43,12 @@ inline void copy_row(const T* __restrict__ src, T* __restrict__ dst, int64_t n) 
   std::memcpy(dst, src, n * sizeof(T));
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(FVDM_AVX512)
 // With AVX-512 (F, BW, VL; FVDM_AVX512): fp32, bf16 and fp16 in registers, 16 values at a time,
 // as floats. Elementwise kernels use these to skip the op-math row buffers (a round trip of
 // each row through L1 buffers costs more than the op). A lane count is either Full (a row's
 // whole vectors: plain loads and stores, much faster than masked ones) or a mask of the first
 // lanes (its tail, or a misaligned head).
-#define FVDM_AVX512 1
 struct Full {};
 
 inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
@@ -60,7 +57,7 @@ inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi
 // flushes subnormals (below 1.2e-38) to zero and keeps a NaN's sign; otherwise integer
 // rounding, NaN as 0x7FC0. Every bf16 output of these kernels is narrowed here.
 inline __m256i narrow_bf16(__m512 v) {
-#if defined(__AVX512BF16__)
+#if defined(FVDM_AVX512BF16)
   return (__m256i)_mm512_cvtneps_pbh(v);
 #else
   const __m512i u = _mm512_castps_si512(v);
@@ -174,7 +171,7 @@ inline void from_opmath(const at::opmath_type<scalar_t>* src, scalar_t* dst, int
 // skips the read-for-ownership a normal store pays (a third of a streaming kernel's memory
 // traffic). Call stream_fence() before a parallel chunk that used it ends.
 inline void stream_copy(const void* src, void* dst, int64_t bytes) {
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512F)
   const char* s = static_cast<const char*>(src);
   char* d = static_cast<char*>(dst);
   const int64_t head = std::min<int64_t>(bytes, (64 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(d) & 63)) & 63);
@@ -190,7 +187,7 @@ inline void stream_copy(const void* src, void* dst, int64_t bytes) {
 
 // Streaming stores are weakly ordered: publish them before the work is handed back.
 inline void stream_fence() {
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512F)
   _mm_sfence();
 #endif
 }

@@ -2,9 +2,7 @@
 #pragma once
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -45,7 +43,7 @@ std::vector<acc_t> frame_chunked_reduce(int64_t BF, int64_t N, int64_t width, co
 template <typename T>
 inline T sum_of_four_vectors(const T* acc) {
   constexpr int64_t kLanes = 4 * 64 / static_cast<int64_t>(sizeof(T));
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512F)
   if constexpr (std::is_same_v<T, float>) {
     const __m512 a = _mm512_add_ps(_mm512_loadu_ps(acc), _mm512_loadu_ps(acc + 16));
     const __m512 b = _mm512_add_ps(_mm512_loadu_ps(acc + 32), _mm512_loadu_ps(acc + 48));

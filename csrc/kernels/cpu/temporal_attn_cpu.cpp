@@ -32,7 +32,7 @@ inline int64_t pad8(int64_t n) { return (n + kLanes / 2 - 1) / (kLanes / 2) * (k
 // x[j] = exp(x[j]) for n values (n a multiple of kLanes). std::exp does not vectorize without
 // -ffast-math, and softmax needs F*F of them per sequence: with AVX-512 this is Cody-Waite range
 // reduction, the Cephes degree-5 polynomial and scalef (about 1 ulp); otherwise std::exp.
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512F)
 inline __m512 exp_ps(__m512 v) {
   v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
   const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
@@ -76,7 +76,7 @@ inline __m512 log_ps(__m512 x) {
 #endif
 
 inline void exp_inplace(float* x, int64_t n) {
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512F)
   for (int64_t j = 0; j + 16 <= n; j += 16) _mm512_storeu_ps(x + j, exp_ps(_mm512_loadu_ps(x + j)));
 #else
   for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j]);
@@ -190,7 +190,7 @@ inline void transpose_scalar(const T* src, int64_t lds, T* dst, int64_t ldd, int
     for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512F)
 // In-register transpose of a 16 x 16 float block (unpack, in-lane shuffle, two 128-bit-lane shuffles).
 inline void transpose16x16(__m512 r[16]) {
   __m512 t[16];
@@ -221,7 +221,7 @@ inline void transpose16x16(__m512 r[16]) {
 // fifth of the forward's time at Dh = 72).
 template <typename T>
 inline void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols) {
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512F)
   if constexpr (std::is_same_v<T, float>) {
     for (int64_t r0 = 0; r0 < rows; r0 += 16) {
       const int64_t nr = std::min<int64_t>(16, rows - r0);
@@ -325,7 +325,7 @@ void softmax_rows_generic(opmath_t* s, const opmath_t* allow, const std::vector<
   }
 }
 
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512F)
 // The same for F <= 16 (one 16-lane vector a row), on the transposed block: with a column of
 // scores per register (lanes = queries), the row max and sum are 15 vertical max / add each
 // instead of two horizontal reductions and a scalar division per row. allow_t: build_allow's.
@@ -364,7 +364,7 @@ inline void softmax_block16(float* s, const float* allow_t, const std::vector<ch
 template <typename opmath_t>
 inline void softmax_rows(opmath_t* s, const opmath_t* allow, const opmath_t* allow_t, const std::vector<char>& any,
                          int64_t F, int64_t Fp, opmath_t scale, opmath_t* lse) {
-#if defined(__AVX512F__)
+#if defined(FVDM_AVX512F)
   if constexpr (std::is_same_v<opmath_t, float>) {
     if (Fp == 16 && allow_t != nullptr) return softmax_block16(s, allow_t, any, F, scale, lse);
     // One pass per row in registers; rows are whole 16-lane vectors (Fp is padded).
