@@ -85,8 +85,13 @@ inline int64_t with_row_block(int64_t left, const F& f) {
 // The forward for R rows of one frame at a time (R <= 4), fp32, bf16 or fp16, all in registers.
 // Statistics come from one pass of shifted sums: with k the mean of the row's first 16 values,
 // var = E[(x-k)^2] - E[x-k]^2 loses at most D/16 ulps to cancellation (|mean - k|^2 <= var *
-// D/16), where a second pass would read the row again. The output is fma(fma(x, rstd,
-// -mean*rstd), 1 + scale, shift), the table values loaded once for the R rows. While the
+// D/16), where a second pass would read the row again. When those first min(D, 16) values are
+// all x[0], k is x[0] itself: a constant row (as the reference has it, mean = x and x - mean = 0
+// exactly, however large x or inexact its D-fold sum) then sums zeros, its mean is exact and
+// its output exactly shift, which a mean of fewer than 16 equal values (D < 16), rounded, would
+// miss. The output is fma((x - mean) * rstd, 1 + scale, shift), the table values loaded once for
+// the R rows: x - mean is exact near the mean, where fma(x, rstd, -mean * rstd) would return the
+// rounding error of mean * rstd (~1e-3 at |x| = 100 on a constant row, rstd = 1/sqrt(eps)). While the
 // block's output is computed from L1, the next `prefetch_rows` rows are prefetched, so that a
 // load is in flight during that pass.
 // `stream` needs every row to start on a cache line.
@@ -96,9 +101,13 @@ inline void adaln_rows(const T* x, const float* sh, const float* sc1, T* y, floa
   const int64_t body = D / 16 * 16;
   const __mmask16 tail = first_lanes(D - body);
   const float inv_d = 1.0f / static_cast<float>(D);
-  __m512 k[R], s1[R], s2[R], mr[R], nm[R];
+  const __mmask16 head = first_lanes(D);
+  __m512 k[R], s1[R], s2[R], mr[R], mv[R];
   for (int r = 0; r < R; ++r) {
-    k[r] = _mm512_set1_ps(_mm512_reduce_add_ps(load16(x + r * D, first_lanes(D))) / static_cast<float>(std::min<int64_t>(D, 16)));
+    const __m512 first = load16(x + r * D, head), x0 = _mm512_set1_ps(_mm512_cvtss_f32(first));
+    k[r] = (_mm512_cmp_ps_mask(first, x0, _CMP_EQ_OQ) & head) == head
+               ? x0
+               : _mm512_set1_ps(_mm512_reduce_add_ps(first) / static_cast<float>(std::min<int64_t>(D, 16)));
     s1[r] = s2[r] = _mm512_setzero_ps();
   }
   const auto accumulate = [&](int r, __m512 v) {
@@ -116,19 +125,21 @@ inline void adaln_rows(const T* x, const float* sh, const float* sc1, T* y, floa
     mean_out[r] = mean;
     rstd_out[r] = rstd;
     mr[r] = _mm512_set1_ps(rstd);
-    nm[r] = _mm512_set1_ps(-mean * rstd);
+    mv[r] = _mm512_set1_ps(mean);
   }
   TrickleRows<1> prefetch({x + R * D}, prefetch_rows * D * static_cast<int64_t>(sizeof(T)), body / 16);
   for (int64_t d = 0; d < body; d += 16) {
     const __m512 a = _mm512_loadu_ps(sc1 + d), b = _mm512_loadu_ps(sh + d);
     prefetch.step();
     for (int r = 0; r < R; ++r)
-      put16(y + r * D + d, _mm512_fmadd_ps(_mm512_fmadd_ps(load16(x + r * D + d, Full{}), mr[r], nm[r]), a, b), stream);
+      put16(y + r * D + d, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(load16(x + r * D + d, Full{}), mv[r]), mr[r]), a, b),
+            stream);
   }
   if (tail) {
     const __m512 a = _mm512_maskz_loadu_ps(tail, sc1 + body), b = _mm512_maskz_loadu_ps(tail, sh + body);
     for (int r = 0; r < R; ++r)
-      store16(y + r * D + body, _mm512_fmadd_ps(_mm512_fmadd_ps(load16(x + r * D + body, tail), mr[r], nm[r]), a, b), tail);
+      store16(y + r * D + body, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(load16(x + r * D + body, tail), mv[r]), mr[r]), a, b),
+              tail);
   }
 }
 #endif
@@ -197,10 +208,10 @@ void adaln_fwd_impl(const AdalnFwdParams& p) {
 template <int R, typename T>
 inline void adaln_bwd_rows(const T* gy, const T* x, const float* sc1, const float* mean, const float* rstd, float* dsh,
                            float* dsc, T* dx, int64_t D, int64_t prefetch_rows) {
-  __m512 rs[R], nm[R], s1[R], s2[R];
+  __m512 rs[R], mv[R], s1[R], s2[R];  // xhat = (x - mean) * rstd: exactly 0 on a constant row
   for (int r = 0; r < R; ++r) {
     rs[r] = _mm512_set1_ps(rstd[r]);
-    nm[r] = _mm512_set1_ps(-mean[r] * rstd[r]);
+    mv[r] = _mm512_set1_ps(mean[r]);
     s1[r] = s2[r] = _mm512_setzero_ps();
   }
   for_lanes(D, [&](int64_t d, auto m) {
@@ -208,7 +219,7 @@ inline void adaln_bwd_rows(const T* gy, const T* x, const float* sc1, const floa
     __m512 a = load16(dsh + d, m), b = load16(dsc + d, m);
     for (int r = 0; r < R; ++r) {
       const __m512 g = load16(gy + r * D + d, m);
-      const __m512 xh = _mm512_fmadd_ps(load16(x + r * D + d, m), rs[r], nm[r]);
+      const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(load16(x + r * D + d, m), mv[r]), rs[r]);
       a = _mm512_add_ps(a, g);
       b = _mm512_fmadd_ps(g, xh, b);
       const __m512 gg = _mm512_mul_ps(g, c);
@@ -229,7 +240,7 @@ inline void adaln_bwd_rows(const T* gy, const T* x, const float* sc1, const floa
     const __m512 c = load16(sc1 + d, m);
     prefetch.step();
     for (int r = 0; r < R; ++r) {  // dx = rstd (g' - mean(g') - xhat mean(g' xhat))
-      const __m512 xh = _mm512_fmadd_ps(load16(x + r * D + d, m), rs[r], nm[r]);
+      const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(load16(x + r * D + d, m), mv[r]), rs[r]);
       const __m512 gg = _mm512_mul_ps(load16(gy + r * D + d, m), c);
       store16(dx + r * D + d, _mm512_mul_ps(rs[r], _mm512_fnmadd_ps(xh, c2[r], _mm512_sub_ps(gg, c1[r]))), m);
     }
