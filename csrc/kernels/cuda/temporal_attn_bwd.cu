@@ -236,9 +236,6 @@ __global__ void __launch_bounds__(kWarps* kWarp)
 // ------------------------------------------------------------------------------------------
 // generic path
 
-constexpr int kGenericWarps = 4;
-constexpr int kPerLane = kMaxDhGeneric / kWarp;
-
 struct RowIndex {
   int64_t b, n, h, f;
 };
@@ -400,10 +397,8 @@ __global__ void __launch_bounds__(kGenericWarps* kWarp)
 
 template <typename T, int kDh>
 void launch_bwd_tc(const TemporalAttnBwdParams& bp, const TcConfig& cfg, cudaStream_t stream) {
-  const int64_t blocks = bp.fwd.B * cfg.n_tiles * bp.fwd.H;
-  TORCH_CHECK(blocks <= INT32_MAX, "fvdm: temporal_attention_backward: too many (b, n, h) for one launch");
-  FVDM_LAUNCH_KERNEL((attn_bwd_tc_kernel<T, kDh>), static_cast<unsigned>(blocks), kWarps * kWarp,
-                     static_cast<size_t>(cfg.smem), stream, bp, cfg);
+  FVDM_LAUNCH_KERNEL((attn_bwd_tc_kernel<T, kDh>), tc_blocks(bp.fwd, cfg, "temporal_attention_backward"),
+                     kWarps * kWarp, static_cast<size_t>(cfg.smem), stream, bp, cfg);
 }
 
 template <typename T>
@@ -419,17 +414,13 @@ void bwd_typed(const TemporalAttnBwdParams& bp, cudaStream_t stream) {
       return;
     }
   }
-  TORCH_CHECK(p.Dh <= kMaxDhGeneric, "fvdm: temporal_attention on CUDA supports head dims up to ", kMaxDhGeneric,
-              ", got ", p.Dh);
-  const int64_t rows = p.B * p.N * p.H * p.F;
-  const int64_t blocks = ceil_div(rows, kGenericWarps);
-  TORCH_CHECK(blocks <= INT32_MAX, "fvdm: temporal_attention_backward: too many rows for one launch");
+  const unsigned blocks = generic_blocks(p, "temporal_attention_backward");
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  Workspace dsum(rows);
-  FVDM_LAUNCH_KERNEL(attn_bwd_dq_generic_kernel<T>, static_cast<unsigned>(blocks), kGenericWarps * kWarp, 0, stream,
-                     bp, dsum.data(), scale_log2);
-  FVDM_LAUNCH_KERNEL(attn_bwd_dkdv_generic_kernel<T>, static_cast<unsigned>(blocks), kGenericWarps * kWarp, 0, stream,
-                     bp, dsum.data(), scale_log2);
+  Workspace dsum(p.B * p.N * p.H * p.F);  // Dsum of every row
+  FVDM_LAUNCH_KERNEL(attn_bwd_dq_generic_kernel<T>, blocks, kGenericWarps * kWarp, 0, stream, bp, dsum.data(),
+                     scale_log2);
+  FVDM_LAUNCH_KERNEL(attn_bwd_dkdv_generic_kernel<T>, blocks, kGenericWarps * kWarp, 0, stream, bp, dsum.data(),
+                     scale_log2);
 }
 
 }  // namespace

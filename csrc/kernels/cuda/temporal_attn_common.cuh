@@ -50,6 +50,8 @@ constexpr int kTile = 16;          // query / key tile (the MMA's m and k)
 constexpr int kWarps = 4;          // warps per block on the tensor-core path
 constexpr int kMaxFramesTC = 128;  // tensor-core path keeps the whole frame sequence on chip
 constexpr int kMaxDhGeneric = 256; // generic path: 8 head-dim elements per lane
+constexpr int kGenericWarps = 4;   // generic path: rows (one a warp) per block
+constexpr int kPerLane = kMaxDhGeneric / kWarp;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -215,6 +217,15 @@ inline bool qkv_rows_aligned(const TemporalAttnFwdParams& p, int bytes) {
          rows_aligned(p.v, p.v_stride, bytes);
 }
 
+// Blocks of the generic kernels, one warp per (b, n, h, f) row; `op` names the caller in errors.
+inline unsigned generic_blocks(const TemporalAttnFwdParams& p, const char* op) {
+  TORCH_CHECK(p.Dh <= kMaxDhGeneric, "fvdm: temporal_attention on CUDA supports head dims up to ", kMaxDhGeneric,
+              ", got ", p.Dh);
+  const int64_t blocks = ceil_div(p.B * p.N * p.H * p.F, kGenericWarps);
+  TORCH_CHECK(blocks <= INT32_MAX, "fvdm: ", op, ": too many rows for one launch");
+  return static_cast<unsigned>(blocks);
+}
+
 // Launch shape of a tensor-core kernel: one block per (b, tile of `tokens` consecutive n, h).
 struct TcConfig {
   int tokens;        // consecutive n per block
@@ -255,6 +266,13 @@ inline std::optional<TcConfig> plan_tensor_core(const TemporalAttnFwdParams& p, 
   c.vec16 = vec16;
   c.scale_log2 = static_cast<float>(p.scale) * kLog2e;
   return c;
+}
+
+// Blocks of a tensor-core kernel; `op` names the caller in errors.
+inline unsigned tc_blocks(const TemporalAttnFwdParams& p, const TcConfig& c, const char* op) {
+  const int64_t blocks = p.B * c.n_tiles * p.H;
+  TORCH_CHECK(blocks <= INT32_MAX, "fvdm: ", op, ": too many (b, n, h) for one launch");
+  return static_cast<unsigned>(blocks);
 }
 
 }  // namespace fvdm::cuda::attn

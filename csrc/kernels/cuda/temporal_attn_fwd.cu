@@ -155,9 +155,6 @@ __global__ void __launch_bounds__(kWarps* kWarp) attn_fwd_tc_kernel(const Tempor
   }
 }
 
-constexpr int kGenericWarps = 4;
-constexpr int kPerLane = kMaxDhGeneric / kWarp;
-
 template <typename T>
 __global__ void __launch_bounds__(kGenericWarps* kWarp)
     attn_fwd_generic_kernel(const TemporalAttnFwdParams p, float scale_log2) {
@@ -220,9 +217,7 @@ __global__ void __launch_bounds__(kGenericWarps* kWarp)
 
 template <typename T, int kDh>
 void launch_fwd_tc(const TemporalAttnFwdParams& p, const TcConfig& cfg, cudaStream_t stream) {
-  const int64_t blocks = p.B * cfg.n_tiles * p.H;
-  TORCH_CHECK(blocks <= INT32_MAX, "fvdm: temporal_attention: too many (b, n, h) for one launch");
-  FVDM_LAUNCH_KERNEL((attn_fwd_tc_kernel<T, kDh>), static_cast<unsigned>(blocks), kWarps * kWarp,
+  FVDM_LAUNCH_KERNEL((attn_fwd_tc_kernel<T, kDh>), tc_blocks(p, cfg, "temporal_attention"), kWarps * kWarp,
                      static_cast<size_t>(cfg.smem), stream, p, cfg);
 }
 
@@ -235,14 +230,9 @@ void fwd_typed(const TemporalAttnFwdParams& p, cudaStream_t stream) {
       return;
     }
   }
-  TORCH_CHECK(p.Dh <= kMaxDhGeneric, "fvdm: temporal_attention on CUDA supports head dims up to ", kMaxDhGeneric,
-              ", got ", p.Dh);
-  const int64_t rows = p.B * p.N * p.H * p.F;
-  const int64_t blocks = ceil_div(rows, kGenericWarps);
-  TORCH_CHECK(blocks <= INT32_MAX, "fvdm: temporal_attention: too many rows for one launch");
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  FVDM_LAUNCH_KERNEL(attn_fwd_generic_kernel<T>, static_cast<unsigned>(blocks), kGenericWarps * kWarp, 0, stream, p,
-                     scale_log2);
+  FVDM_LAUNCH_KERNEL(attn_fwd_generic_kernel<T>, generic_blocks(p, "temporal_attention"), kGenericWarps * kWarp, 0,
+                     stream, p, scale_log2);
 }
 
 }  // namespace
