@@ -19,8 +19,7 @@
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 
-#include <c10/util/BFloat16.h>
-
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -53,46 +52,15 @@ struct U16x16 {
   uint16_t v[16];
 };
 
-inline F32x16 lanes(simde__m512 a) {
-  F32x16 r;
-  std::memcpy(r.v, &a, sizeof(r.v));
-  return r;
-}
-inline F64x8 lanes(simde__m512d a) {
-  F64x8 r;
-  std::memcpy(r.v, &a, sizeof(r.v));
-  return r;
-}
-inline simde__m512 vec(const F32x16& a) {
-  simde__m512 r;
-  std::memcpy(&r, a.v, sizeof(a.v));
-  return r;
-}
-inline U32x16 lanes_u32(simde__m512 a) {
-  U32x16 r;
-  std::memcpy(r.v, &a, sizeof(r.v));
-  return r;
-}
-inline simde__m256i vec(const U16x16& a) {
-  simde__m256i r;
-  std::memcpy(&r, a.v, sizeof(a.v));
-  return r;
-}
-inline U16x16 lanes_u16(simde__m256i a) {
-  U16x16 r;
-  std::memcpy(r.v, &a, sizeof(r.v));
-  return r;
-}
-inline uint32_t bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+// Vector <-> lanes: the same 64 (or 32) bytes seen as an array.
+inline F32x16 lanes(simde__m512 a) { return std::bit_cast<F32x16>(a); }
+inline F64x8 lanes(simde__m512d a) { return std::bit_cast<F64x8>(a); }
+inline simde__m512 vec(const F32x16& a) { return std::bit_cast<simde__m512>(a); }
+inline U32x16 lanes_u32(simde__m512 a) { return std::bit_cast<U32x16>(a); }
+inline simde__m256i vec(const U16x16& a) { return std::bit_cast<simde__m256i>(a); }
+inline U16x16 lanes_u16(simde__m256i a) { return std::bit_cast<U16x16>(a); }
+inline uint32_t bits(float f) { return std::bit_cast<uint32_t>(f); }
+inline float from_bits(uint32_t u) { return std::bit_cast<float>(u); }
 inline float quiet(float a) { return from_bits(bits(a) | 0x00400000u); }
 
 // ---- fused multiply-add: one rounding (VFMADD*PS / VFNMADD*PS)
@@ -300,8 +268,7 @@ inline simde__m256i cvtneps_pbh(simde__m512 a) {
 }
 // VPMOVDW: the low 16 bits of each 32-bit lane.
 inline simde__m256i cvtepi32_epi16(simde__m512i a) {
-  U32x16 x;
-  std::memcpy(x.v, &a, 64);
+  const U32x16 x = std::bit_cast<U32x16>(a);
   U16x16 r;
   for (int i = 0; i < 16; ++i) r.v[i] = static_cast<uint16_t>(x.v[i]);
   return vec(r);
