@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace fvdm::cpu {
@@ -74,6 +75,29 @@ inline T lane_sum(int64_t D, const F& f) {
   T s = 0;
   for (; d < D; ++d) s += f(d);
   return s + sum_of_four_vectors(acc);
+}
+
+// Sums of f(d) and of f(d)^2 for d in [0, D) in one pass, accumulated as lane_sum does.
+template <typename T, typename F>
+inline std::pair<T, T> lane_sums_and_squares(int64_t D, const F& f) {
+  constexpr int64_t kLanes = 4 * 64 / static_cast<int64_t>(sizeof(T));
+  T acc[kLanes] = {}, acc2[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const T v = f(d + j);
+      acc[j] += v;
+      acc2[j] += v * v;
+    }
+  }
+  T s = 0, s2 = 0;
+  for (; d < D; ++d) {
+    const T v = f(d);
+    s += v;
+    s2 += v * v;
+  }
+  return {s + sum_of_four_vectors(acc), s2 + sum_of_four_vectors(acc2)};
 }
 
 // Rows per parallel task so that each task moves roughly 64 KiB of elements.

@@ -144,6 +144,23 @@ inline void adaln_rows(const T* x, const float* sh, const float* sc1, T* y, floa
 }
 #endif
 
+// The shift of a row's one-pass statistics: x[0] when the first min(D, 16) values all equal
+// it, else their mean. |mean - k|^2 <= var * D / 16, so var = E[(x-k)^2] - E[x-k]^2 loses at
+// most D/16 ulps to cancellation.
+template <typename opmath_t, typename scalar_t>
+inline opmath_t row_shift(const scalar_t* x, int64_t D) {
+  const int64_t n = std::min<int64_t>(D, 16);
+  const opmath_t x0 = static_cast<opmath_t>(x[0]);
+  opmath_t sum = 0;
+  bool constant = true;
+  for (int64_t d = 0; d < n; ++d) {
+    const opmath_t v = static_cast<opmath_t>(x[d]);
+    constant = constant && v == x0;
+    sum += v;
+  }
+  return constant ? x0 : sum / static_cast<opmath_t>(n);
+}
+
 template <typename scalar_t, typename opmath_t>
 void adaln_fwd_impl(const AdalnFwdParams& p) {
   const auto* x = static_cast<const scalar_t*>(p.x);
@@ -179,15 +196,15 @@ void adaln_fwd_impl(const AdalnFwdParams& p) {
       const opmath_t* __restrict__ r = load_row(x + row * D, in_buf.data(), D);
       const opmath_t* __restrict__ sh = t.a.data();
       const opmath_t* __restrict__ sc1 = t.b.data();
-      // Two passes, the first shifted by the row's first value: a constant row (even of large
-      // values, or of values like 3.3 whose D-fold sum rounds) then has x - k = 0 exactly, so
-      // its mean is exact, x - mean is 0 and the output is exactly shift, as in the reference.
-      // k is read from the source row: read as r[0] (r is __restrict__ and, for bf16 / fp16, the
-      // same buffer every row) the GCC build here gave the previous row's value.
-      const opmath_t k = static_cast<opmath_t>(x[row * D]);
-      const opmath_t mean = k + lane_sum<opmath_t>(D, [r, k](int64_t d) { return r[d] - k; }) * inv_d;
-      const opmath_t sq = lane_sum<opmath_t>(D, [r, mean](int64_t d) { return (r[d] - mean) * (r[d] - mean); });
-      const opmath_t rstd = opmath_t(1) / std::sqrt(sq * inv_d + eps);
+      // One pass of shifted sums, the shift k chosen as adaln_rows chooses it (see there): a
+      // constant row sums zeros, so its mean is exact and its output exactly shift. k is read
+      // from the source row: read through r (__restrict__ and, for bf16 / fp16, the same
+      // buffer every row) the GCC build here gave the previous row's value.
+      const opmath_t k = row_shift<opmath_t>(x + row * D, D);
+      const auto [s1, s2] = lane_sums_and_squares<opmath_t>(D, [r, k](int64_t d) { return r[d] - k; });
+      const opmath_t m1 = s1 * inv_d;
+      const opmath_t mean = k + m1;
+      const opmath_t rstd = opmath_t(1) / std::sqrt(std::max(opmath_t(0), s2 * inv_d - m1 * m1) + eps);
       mean_out[row] = mean;
       rstd_out[row] = rstd;
       opmath_t* __restrict__ o = out_row(y + row * D, out_buf.data(), stream);
