@@ -61,23 +61,8 @@ inline T sum_of_four_vectors(const T* acc) {
   return s;
 }
 
-// Sum of f(d) for d in [0, D) with four vector-wide accumulators. A single accumulator makes a
-// row reduction wait on the add latency at every vector; with four the adds overlap.
-template <typename T, typename F>
-inline T lane_sum(int64_t D, const F& f) {
-  constexpr int64_t kLanes = 4 * 64 / static_cast<int64_t>(sizeof(T));  // four 512-bit registers
-  T acc[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= D; d += kLanes) {
-#pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += f(d + j);
-  }
-  T s = 0;
-  for (; d < D; ++d) s += f(d);
-  return s + sum_of_four_vectors(acc);
-}
-
-// Sums of f(d) and of f(d)^2 for d in [0, D) in one pass, accumulated as lane_sum does.
+// Sums of f(d) and of f(d)^2 for d in [0, D) in one pass, each with four vector-wide
+// accumulators: with a single one a row reduction waits on the add latency at every vector.
 template <typename T, typename F>
 inline std::pair<T, T> lane_sums_and_squares(int64_t D, const F& f) {
   constexpr int64_t kLanes = 4 * 64 / static_cast<int64_t>(sizeof(T));
