@@ -14,7 +14,6 @@ from fvdm.diffusion import (
     FlowSchedule,
     classifier_free_guidance,
     clean_prefix_mask,
-    skip_guidance,
     cosine_betas,
     ddpm_ladder,
     ddpm_schedule,
@@ -22,6 +21,7 @@ from fvdm.diffusion import (
     flow_ladder,
     keyframes,
     task_matrix,
+    temporal_guidance,
     linear_betas,
     long_video,
     min_snr_weights,
@@ -616,26 +616,59 @@ def test_classifier_free_guidance_mixes_only_prediction_channels():
     torch.testing.assert_close(classifier_free_guidance(model, y, 1.0, 0)(x, t), model(x, t, y))
 
 
-def test_skip_guidance_pushes_away_from_the_frame_local_model():
+def _guidance_model(num_frames: int):
     from fvdm.models import latte
 
     torch.manual_seed(0)
-    model = latte("T/2", input_size=4, in_channels=2, num_frames=5, depth=2, learn_sigma=True).eval()
+    model = latte("T/2", input_size=4, in_channels=2, num_frames=num_frames, depth=2, learn_sigma=True).eval()
     with torch.no_grad():
         for p in model.parameters():  # past adaLN-zero: frames do meet
             p.add_(0.05 * torch.randn(p.shape))
+    return lambda x, t, *x_self, **kw: model(x, t, None, *x_self, **kw)
+
+
+def test_skip_guidance_pushes_away_from_the_frame_local_model():
+    net = _guidance_model(SHAPE[1])
     x, t = torch.randn(SHAPE), torch.randint(0, 1000, SHAPE[:2]).float()
-
-    def net(x, t, **kw):
-        return model(x, t, **kw)
-
     with torch.no_grad():
         full, weak = net(x, t), net(x, t, frame_local=True)
-        out = skip_guidance(net, 2.0)(x, t)
+        out = temporal_guidance(net, 2.0)(x, t)
     assert (full - weak).abs().max() > 1e-4
     torch.testing.assert_close(out[:, :, :2], full[:, :, :2] + 2.0 * (full[:, :, :2] - weak[:, :, :2]))
     torch.testing.assert_close(out[:, :, 2:], full[:, :, 2:])  # the learned variance, unmixed
-    assert skip_guidance(net, 0.0) is net
+    assert temporal_guidance(net, 0.0, 0.0) is net
+
+
+def test_frame_order_guidance_pushes_away_from_the_frames_in_another_order():
+    # Two frames: the only order that is not the identity is the swap, so the weak prediction is known.
+    net = _guidance_model(2)
+    x, t = torch.randn(3, 2, 2, 4, 4), torch.randint(0, 1000, (3, 2)).float()
+    swap = torch.tensor([1, 0])
+    with torch.no_grad():
+        full = net(x, t)
+        swapped = net(x[:, swap], t[:, swap])[:, swap]
+        out = temporal_guidance(net, 0.0, 1.5, torch.Generator().manual_seed(0))(x, t)
+        both = temporal_guidance(net, 2.0, 1.5, torch.Generator().manual_seed(0))(x, t)
+        local = net(x, t, frame_local=True)
+    assert (full - swapped).abs().max() > 1e-4  # the temporal position embedding sees the order
+    torch.testing.assert_close(out[:, :, :2], full[:, :, :2] + 1.5 * (full[:, :, :2] - swapped[:, :, :2]))
+    torch.testing.assert_close(out[:, :, 2:], full[:, :, 2:])
+    torch.testing.assert_close(both[:, :, :2], out[:, :, :2] + 2.0 * (full[:, :, :2] - local[:, :, :2]))
+
+
+def test_frame_order_guidance_leaves_an_order_blind_network_alone():
+    # A network that sees each frame alone (its own image and timestep) gives the same prediction
+    # in any frame order once the order is undone: no push. A real model is pushed.
+    def per_frame(x, t, *x_self, **kw):
+        return torch.cat([x * torch.cos(t)[..., None, None, None], x.flip(-1)], dim=2)
+
+    x, t = torch.randn(2, 7, 2, 4, 4), torch.randint(0, 1000, (2, 7)).float()
+    guided = temporal_guidance(per_frame, 0.0, 3.0, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(guided(x, t), per_frame(x, t))
+    net = _guidance_model(7)
+    with torch.no_grad():
+        pushed = temporal_guidance(net, 0.0, 3.0, torch.Generator().manual_seed(1))(x, t)
+        assert (pushed - net(x, t)).abs().max() > 1e-4
 
 
 # ----------------------------------------------------------------------------- task builders

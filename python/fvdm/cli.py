@@ -355,6 +355,9 @@ def sample(
     stg: Annotated[float | None, typer.Option(help="spatiotemporal skip guidance scale: pushes the frames to agree; "
                                                    "0: off, doubles the sampling cost otherwise (default: the run's "
                                                    "sample.stg_scale)")] = None,
+    order: Annotated[float | None, typer.Option(help="frame-order guidance scale: pushes the frames to move as the "
+                                                     "model expects; 0: off, one more network call a step otherwise "
+                                                     "(default: the run's sample.order_scale)")] = None,
     label: Annotated[int | None, typer.Option(help="class id (class-conditional models)")] = None,
     lag: Annotated[int | None, typer.Option(help="rolling: steps between consecutive frames' starts (default 1)")] = None,
     conditioning: Annotated[str, typer.Option(help="how given frames enter: hold (FVDM: clean, at t = 0) | replace "
@@ -390,7 +393,8 @@ def sample(
     for name, value in (("--num", num), ("--steps", steps), ("--frames", frames), ("--lag", lag)):
         if value is not None and value < 1:
             fail(f"{name} must be >= 1, got {value}")
-    for name, value in (("--noise-scale", noise_scale), ("--stg", stg), ("--guidance", guidance)):
+    for name, value in (("--noise-scale", noise_scale), ("--stg", stg), ("--order", order),
+                        ("--guidance", guidance)):
         if value is not None and not (math.isfinite(value) and value >= 0):
             fail(f"{name} must be a finite number >= 0, got {value}")
     idx = _check_sample_options(method, eta, seed, num, frames, lag, keyframes)
@@ -423,7 +427,7 @@ def sample(
                 seed=cfg.sample.seed if seed is None else seed, device=next(model.parameters()).device,
                 condition=cond, keyframe_indices=idx, total_frames=frames, lag=1 if lag is None else lag,
                 labels=None if label is None else torch.tensor([label]), guidance_scale=guidance,
-                stg_scale=stg, codec=loaded.codec, conditioning=conditioning,
+                stg_scale=stg, order_scale=order, codec=loaded.codec, conditioning=conditioning,
                 callback=lambda done, total: bar.update(bar_task, completed=done, total=total),
             )
         task_dir = folders[name]

@@ -101,9 +101,12 @@ class SampleConfig:
     noise_scale: float = 1.0  # temperature of each step's fresh noise (ddpm, ddim eta > 0); 1: exact
     clip_x0: float | None = None  # clamp each step's x0 estimate to [-c, c]; None (the reference): no clamp
     guidance_scale: float = 1.0
-    # spatiotemporal skip guidance (diffusion.guidance.skip_guidance): prediction + s * (prediction
-    # - the same network with its frames kept apart); 0: off. Doubles the sampling cost.
+    # temporal guidance (diffusion.guidance.temporal_guidance), 0: off; each nonzero scale adds one
+    # network call a step. stg_scale: skip guidance, prediction + s * (prediction - the same
+    # network with its frames kept apart): frames that agree. order_scale: frame-order guidance,
+    # + s * (prediction - the network on the frames in a random order): frames that move.
     stg_scale: float = 0.0
+    order_scale: float = 0.0
     num_videos: int = 4
     use_ema: bool = True
     fps: int = 8
@@ -202,7 +205,7 @@ RANGES: dict[str, tuple] = {
     "train.sample_steps": (1, 10**6), "train.max_minutes": (0.0, None, True),
     "sample.steps": (1, 10**6), "sample.eta": (0.0, 1.0), "sample.noise_scale": (0.0, None),
     "sample.clip_x0": (0.0, None, True), "sample.guidance_scale": (0.0, None), "sample.stg_scale": (0.0, None),
-    "sample.num_videos": (1, 10**4), "sample.fps": (1, 1000), "sample.seed": _SEED,
+    "sample.order_scale": (0.0, None), "sample.num_videos": (1, 10**4), "sample.fps": (1, 1000), "sample.seed": _SEED,
 }
 
 

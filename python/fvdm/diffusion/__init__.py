@@ -1,7 +1,7 @@
 """Diffusion for FVDM: schedules, objectives, PTSS, the loss, schedule-matrix samplers and the
 zero-shot tasks as schedule matrices."""
 
-from fvdm.diffusion.guidance import classifier_free_guidance, skip_guidance
+from fvdm.diffusion.guidance import classifier_free_guidance, temporal_guidance
 from fvdm.diffusion.losses import VB_T0_RULES, LossOutput, diffusion_loss, noised_input
 from fvdm.diffusion.objectives import (
     OBJECTIVES,
@@ -49,7 +49,7 @@ from fvdm.diffusion.tasks import (
 
 __all__ = [
     "classifier_free_guidance",
-    "skip_guidance",
+    "temporal_guidance",
     "VB_T0_RULES",
     "LossOutput",
     "diffusion_loss",

@@ -1,6 +1,7 @@
 """Guidance as model_fn wrappers for the samplers: classifier-free guidance (class labels) and
-spatiotemporal skip guidance (temporal coherence, any model). Both mix the first C output
-channels (the prediction); extra channels (a learned variance) pass through from the full model."""
+temporal guidance (skip and frame-order guidance: frames that agree and move; any model). Both
+mix the first C output channels (the prediction); extra channels (a learned variance) pass
+through from the full model."""
 
 from __future__ import annotations
 
@@ -33,21 +34,53 @@ def classifier_free_guidance(
     return guided
 
 
-def skip_guidance(model_fn: Callable[..., torch.Tensor], scale: float) -> Callable[..., torch.Tensor]:
-    """Spatiotemporal skip guidance (STG, Hyung et al. 2025): full + scale * (full - weak), the
-    weak prediction from the same network with its frames kept apart (model_fn(...,
-    frame_local=True): no attention across frames). What the full model adds over a per-frame
-    image model is mostly the frames agreeing with each other (the same sprite, colour and size
-    in every frame), and the guidance pushes further that way; no training, one extra network
-    call per step. scale = 0 returns model_fn as is."""
-    if scale == 0.0:
+def temporal_guidance(
+    model_fn: Callable[..., torch.Tensor],
+    skip_scale: float,
+    order_scale: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Callable[..., torch.Tensor]:
+    """full + skip_scale * (full - local) + order_scale * (full - shuffled), on the first C
+    channels; no training, one extra network call per nonzero scale per step.
+
+    Spatiotemporal skip guidance (STG, Hyung et al. 2025): `local` is the same network with its
+    frames kept apart (model_fn(..., frame_local=True): no attention across frames). What the
+    full model adds over a per-frame image model is mostly the frames agreeing with each other
+    (the same sprite, colour and size in every frame), and the guidance pushes further that way.
+    Agreeing frames include frames that do not change at all, so on its own it also slows motion.
+
+    Frame-order guidance: `shuffled` is the same network run on the frames in a random order
+    (each frame with its own timestep and self-conditioning estimate, a new order every step from
+    `generator`, never the identity), its output put back in order. Attention across frames does
+    not see the order; the temporal position embedding does. For a network blind to the order
+    the two predictions would be equal, so the push is toward what the network makes of the
+    order, i.e. the motion, which skip guidance on its own damps.
+
+    Both scales 0 (or one frame, for the order term) return model_fn unchanged."""
+    if skip_scale == 0.0 and order_scale == 0.0:
         return model_fn
 
     def guided(x: torch.Tensor, t: torch.Tensor, *x_self: torch.Tensor) -> torch.Tensor:
+        C, Fr = x.shape[2], x.shape[1]
         full = model_fn(x, t, *x_self)
-        return _mix(full, model_fn(x, t, *x_self, frame_local=True), 1.0 + scale, x.shape[2])
+        out = full[:, :, :C].clone()
+        if skip_scale:
+            out += skip_scale * (full[:, :, :C] - model_fn(x, t, *x_self, frame_local=True)[:, :, :C])
+        if order_scale and Fr > 1:
+            order = _shuffled_order(Fr, generator)
+            shuffled = model_fn(x[:, order], t[:, order], *(e[:, order] for e in x_self))[:, order.argsort()]
+            out += order_scale * (full[:, :, :C] - shuffled[:, :, :C])
+        return out if full.shape[2] == C else torch.cat([out, full[:, :, C:]], dim=2)
 
     return guided
+
+
+def _shuffled_order(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """A random permutation of range(n), n >= 2, that is not the identity."""
+    while True:
+        order = torch.randperm(n, generator=generator)
+        if bool((order != torch.arange(n)).any()):
+            return order
 
 
 def _mix(strong: torch.Tensor, weak: torch.Tensor, scale: float, C: int) -> torch.Tensor:

@@ -361,7 +361,7 @@ class GeneratedClips(ClipSource):
                 "weights": "EMA" if self.loaded.ema else "raw",
                 "method": sc.method or "ddim (euler for flow)", "steps": sc.steps, "spacing": sc.spacing, "eta": sc.eta,
                 "noise_scale": sc.noise_scale, "guidance_scale": sc.guidance_scale,
-                "stg_scale": sc.stg_scale,
+                "stg_scale": sc.stg_scale, "order_scale": sc.order_scale,
                 "labels": "clip k gets class k mod num_classes" if self.loaded.model.config.num_classes else None,
                 "seed": self.seed, "generation_batch": self.gen_batch,
                 "batch_seeds": "numpy SeedSequence([seed, batch index])",

@@ -26,8 +26,8 @@ from fvdm.diffusion import (
     long_video,
     rolling_diagonal,
     sample,
-    skip_guidance,
     task_matrix,
+    temporal_guidance,
     unconditional,
     window_sampler,
 )
@@ -87,6 +87,7 @@ def generate(
     labels: torch.Tensor | None = None,
     guidance_scale: float | None = None,
     stg_scale: float | None = None,
+    order_scale: float | None = None,
     codec: Codec | None = None,
     conditioning: str = "hold",
     callback: Callable[[int, int], None] | None = None,
@@ -110,10 +111,15 @@ def generate(
     Fr = model.config.num_frames
     C, H = model.config.in_channels, model.config.input_size
     shape = (num_videos, Fr, C, H, H)
-    stg_scale = sc.stg_scale if stg_scale is None else stg_scale
-    if not (math.isfinite(stg_scale) and stg_scale >= 0):
-        raise UserError(f"the skip-guidance scale (sample.stg_scale) must be a finite number >= 0, got {stg_scale}")
-    model_fn = skip_guidance(_model_fn(model, cfg, num_videos, labels, guidance_scale, device), stg_scale)
+    scales = {}
+    for key, given_scale in (("stg_scale", stg_scale), ("order_scale", order_scale)):
+        scales[key] = getattr(sc, key) if given_scale is None else given_scale
+        if not (math.isfinite(scales[key]) and scales[key] >= 0):
+            raise UserError(f"the guidance scale sample.{key} must be a finite number >= 0, got {scales[key]}")
+    # the frame orders of frame-order guidance: their own stream, so the noise does not depend on them
+    orders = torch.Generator().manual_seed(seed)
+    model_fn = temporal_guidance(_model_fn(model, cfg, num_videos, labels, guidance_scale, device),
+                                 scales["stg_scale"], scales["order_scale"], orders)
     g = torch.Generator(device).manual_seed(seed)
     try:
         ladder = ladder_for(schedule, steps, sc.spacing)
