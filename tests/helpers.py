@@ -62,6 +62,6 @@ TINY = [
     "model.size=T/2", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2",
     "data.size=8", "data.num_frames=4", "data.num_videos=32", "train.batch_size=2", "train.steps=2",
     "train.ckpt_every=2", "train.log_every=1", "train.sample_steps=2", "train.sample_videos=1",
-    "sample.steps=2", "sample.num_videos=1", "train.precision=fp32", "model.self_condition=false",
+    "sample.steps=2", "sample.num_videos=1", "sample.unconditional_videos=2", "train.precision=fp32", "model.self_condition=false",
     "model.conv_head=0",
 ]

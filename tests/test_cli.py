@@ -13,15 +13,7 @@ import torch
 
 from fvdm.config import load_config
 from fvdm.train.trainer import train
-from helpers import cli
-
-TINY = [
-    "model.size=T/2", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2",
-    "data.size=8", "data.num_frames=4", "data.num_videos=32", "train.batch_size=2", "train.steps=2",
-    "train.ckpt_every=2", "train.log_every=1", "train.sample_steps=2", "train.sample_videos=1",
-    "sample.steps=2", "sample.num_videos=1", "train.precision=fp32",
-    "model.self_condition=false",  # fast tiny runs; self-conditioning has its own tests
-]
+from helpers import TINY, cli
 
 
 def assert_one_line_error(code: int, err: str, *words: str):
@@ -54,11 +46,13 @@ def write_mp4(path: Path, frames: int, size: int) -> None:
 def test_sample_every_task_writes_outputs(capsys, run_dir, tmp_path):
     out = tmp_path / "samples"
     code, stdout, err = cli(capsys, "sample", "all", "--run", str(run_dir), "--out", str(out), "--no-progress",
-                            "--frames", "6", "--stg", "1.0")  # skip guidance through every task's sampler
+                            "--frames", "6", "--stg", "1.0", "--order", "1.0")  # temporal guidance through every sampler
     assert code == 0, err
     for task in ("unconditional", "i2v", "interpolate", "extend", "long", "rolling"):
         files = {p.name for p in (out / task).iterdir()}
         assert {"contact_sheet.png", "schedule.png", "video_000.mp4", "video_000.gif"} <= files, (task, files)
+        # sample.unconditional_videos=2 (TINY) for unconditional, sample.num_videos=1 for the rest
+        assert len([f for f in files if f.endswith(".mp4")]) == (2 if task == "unconditional" else 1), (task, files)
     assert stdout.count("sprite tracker reads") == 6  # sprite runs say how many videos read as coherent
     from PIL import Image
 

@@ -28,13 +28,9 @@ from hypothesis import strategies as st
 from fvdm.cli import main
 from fvdm.config import Config, load_config
 
-TINY = [
-    "model.size=T/2", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=2",
-    "data.size=8", "data.num_frames=4", "data.num_videos=32", "train.batch_size=2", "train.steps=1",
-    "train.ckpt_every=1", "train.log_every=1", "train.sample_steps=2", "train.sample_videos=1",
-    "sample.steps=2", "sample.num_videos=1", "train.precision=fp32", "model.self_condition=false",
-    "model.conv_head=0", "diffusion.num_timesteps=50",
-]
+import helpers
+
+TINY = [*helpers.TINY, "train.steps=1", "train.ckpt_every=1", "diffusion.num_timesteps=50"]
 # CI runs the same 12 examples each (about a minute in all); FVDM_FUZZ_EXAMPLES=200 explores more.
 FUZZ = settings(max_examples=int(os.environ.get("FVDM_FUZZ_EXAMPLES", "12")), deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

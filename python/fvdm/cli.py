@@ -341,7 +341,8 @@ def sample(
     frames: Annotated[int | None, typer.Option(help="extend / long: total frames of the result (default: extend "
                                                     "half a window more, long 4 windows)")] = None,
     num: Annotated[int | None, typer.Option("--num", "-n", help="videos per task (default: the run's "
-                                                                "sample.num_videos)")] = None,
+                                                                "sample.num_videos, and sample.unconditional_videos "
+                                                                "for unconditional where set)")] = None,
     steps: Annotated[int | None, typer.Option(help="sampler steps (default: the run's sample.steps)")] = None,
     method: Annotated[str | None, typer.Option(help="ddpm | ddim | euler (default: the run's sample.method; where "
                                                     "that is null, ddim, or euler for flow)")] = None,
@@ -409,8 +410,8 @@ def sample(
     folders = _sample_folders(Path(run), tasks, out, single=task != "all")
     console.print(f"sampling {', '.join(tasks)} with {loaded.checkpoint} (step {loaded.step}, "
                   f"{'EMA' if loaded.ema else 'raw'} weights)")
-    n_videos = num or cfg.sample.num_videos
     for name in tasks:
+        n_videos = num or (name == "unconditional" and cfg.sample.unconditional_videos) or cfg.sample.num_videos
         cond = None
         if name == "i2v":
             cond = image_condition(image, cfg) if image else data_condition(cfg, 1, n_videos)

@@ -107,7 +107,8 @@ class SampleConfig:
     # + s * (prediction - the network on the frames in a random order): frames that move.
     stg_scale: float = 0.0
     order_scale: float = 0.0
-    num_videos: int = 4
+    num_videos: int = 4  # videos a task
+    unconditional_videos: int | None = None  # videos of the unconditional task; None: num_videos
     use_ema: bool = True
     fps: int = 8
     seed: int = 0
@@ -205,7 +206,8 @@ RANGES: dict[str, tuple] = {
     "train.sample_steps": (1, 10**6), "train.max_minutes": (0.0, None, True),
     "sample.steps": (1, 10**6), "sample.eta": (0.0, 1.0), "sample.noise_scale": (0.0, None),
     "sample.clip_x0": (0.0, None, True), "sample.guidance_scale": (0.0, None), "sample.stg_scale": (0.0, None),
-    "sample.order_scale": (0.0, None), "sample.num_videos": (1, 10**4), "sample.fps": (1, 1000), "sample.seed": _SEED,
+    "sample.order_scale": (0.0, None), "sample.num_videos": (1, 10**4),
+    "sample.unconditional_videos": (1, 10**4), "sample.fps": (1, 1000), "sample.seed": _SEED,
 }
 
 

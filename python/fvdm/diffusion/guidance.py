@@ -50,8 +50,8 @@ def temporal_guidance(
     Agreeing frames include frames that do not change at all, so on its own it also slows motion.
 
     Frame-order guidance: `shuffled` is the same network run on the frames in a random order
-    (each frame with its own timestep and self-conditioning estimate, a new order every step from
-    `generator`, never the identity), its output put back in order. Attention across frames does
+    (each frame with its own timestep and self-conditioning estimate; each video its own order,
+    a new one every step, from `generator`, never the identity), its output put back in order. Attention across frames does
     not see the order; the temporal position embedding does. For a network blind to the order
     the two predictions would be equal, so the push is toward what the network makes of the
     order, i.e. the motion, which skip guidance on its own damps.
@@ -67,9 +67,10 @@ def temporal_guidance(
         if skip_scale:
             out += skip_scale * (full[:, :, :C] - model_fn(x, t, *x_self, frame_local=True)[:, :, :C])
         if order_scale and Fr > 1:
-            order = _shuffled_order(Fr, generator)
-            shuffled = model_fn(x[:, order], t[:, order], *(e[:, order] for e in x_self))[:, order.argsort()]
-            out += order_scale * (full[:, :, :C] - shuffled[:, :, :C])
+            rows = torch.arange(x.shape[0])[:, None]
+            order = torch.stack([_shuffled_order(Fr, generator) for _ in range(x.shape[0])])  # (B, F)
+            shuffled = model_fn(x[rows, order], t[rows, order], *(e[rows, order] for e in x_self))
+            out += order_scale * (full[:, :, :C] - shuffled[rows, order.argsort(dim=1), :C])
         return out if full.shape[2] == C else torch.cat([out, full[:, :, C:]], dim=2)
 
     return guided
