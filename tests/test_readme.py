@@ -19,9 +19,9 @@ from test_cli import TINY, cli
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 # The demo's window (8 frames: --keyframes 0,3,7 must fit it) on the tiny model of the CLI tests,
-# sampled in one step without skip guidance (every later command reads the run's config).
+# sampled in one step without temporal guidance (every later command reads the run's config).
 TRAIN_OVERRIDES = [*TINY, "data.num_frames=8", "train.steps=2", "sample.steps=1", "sample.stg_scale=0",
-                   "train.sample_steps=1"]
+                   "sample.order_scale=0", "train.sample_steps=1"]
 
 
 class _Stop(Exception):
