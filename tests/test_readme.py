@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fvdm.io import plots
-from test_cli import TINY, cli
+from helpers import TINY, cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

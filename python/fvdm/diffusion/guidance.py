@@ -51,8 +51,8 @@ def temporal_guidance(
 
     Frame-order guidance: `shuffled` is the same network run on the frames in a random order
     (each frame with its own timestep and self-conditioning estimate; each video its own order,
-    a new one every step, from `generator`, never the identity), its output put back in order. Attention across frames does
-    not see the order; the temporal position embedding does. For a network blind to the order
+    a new one every step, from `generator`, never the identity), its output put back in order.
+    Attention across frames does not see the order; the temporal position embedding does. For a network blind to the order
     the two predictions would be equal, so the push is toward what the network makes of the
     order, i.e. the motion, which skip guidance on its own damps.
 
@@ -71,7 +71,7 @@ def temporal_guidance(
             order = torch.stack([_shuffled_order(Fr, generator) for _ in range(x.shape[0])])  # (B, F)
             shuffled = model_fn(x[rows, order], t[rows, order], *(e[rows, order] for e in x_self))
             out += order_scale * (full[:, :, :C] - shuffled[rows, order.argsort(dim=1), :C])
-        return out if full.shape[2] == C else torch.cat([out, full[:, :, C:]], dim=2)
+        return _with_extra_channels(out, full, C)
 
     return guided
 
@@ -86,5 +86,9 @@ def _shuffled_order(n: int, generator: torch.Generator | None) -> torch.Tensor:
 
 def _mix(strong: torch.Tensor, weak: torch.Tensor, scale: float, C: int) -> torch.Tensor:
     """weak + scale * (strong - weak) on the first C channels; the rest from strong."""
-    mixed = weak[:, :, :C] + scale * (strong[:, :, :C] - weak[:, :, :C])
-    return mixed if strong.shape[2] == C else torch.cat([mixed, strong[:, :, C:]], dim=2)
+    return _with_extra_channels(weak[:, :, :C] + scale * (strong[:, :, :C] - weak[:, :, :C]), strong, C)
+
+
+def _with_extra_channels(mixed: torch.Tensor, source: torch.Tensor, C: int) -> torch.Tensor:
+    """The mixed prediction (C channels) with source's extra channels (a learned variance) after it."""
+    return mixed if source.shape[2] == C else torch.cat([mixed, source[:, :, C:]], dim=2)
